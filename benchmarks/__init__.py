@@ -1,0 +1,1 @@
+"""Offline benchmarks: scenarios, runner (predicted beside measured), reports, the GPU check."""

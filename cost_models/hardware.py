@@ -1,0 +1,233 @@
+"""What memplan assumes about a GPU: memory, dense bf16 throughput, memory and host-link bandwidths.
+
+Every figure in `GPUS` is a public datasheet/whitepaper number (or one derived from SM count x boost clock,
+said so in `source`), not a measurement. The few figures no datasheet gives (efficiency, CUDA context size,
+allocator overhead, sync cost) are named defaults on `HardwareSpec`; they stay uncalibrated until
+calibrate() replaces them with fitted values and sets `calibrated=True`.
+
+Units are in the field names: bytes, bytes/s, FLOP/s, seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One GPU as the cost models see it.
+
+    `bf16_flops` is the dense (no 2:4 sparsity) bf16/fp16 tensor-core peak with FP32 accumulate, because
+    that is what cuBLAS runs for torch bf16/fp16 matmuls. GeForce cards do FP32 accumulate at half the
+    FP16-accumulate rate, so their figure is half the one on the box.
+
+    `source` comes before the defaulted fields only because a dataclass needs fields without defaults first.
+    """
+
+    name: str
+    vram_bytes: int
+    bf16_flops: float
+    mem_bytes_per_s: float
+    pcie_gen: int
+    h2d_pinned_bytes_per_s: float
+    h2d_pageable_bytes_per_s: float
+    d2h_bytes_per_s: float
+    fp8: bool
+    source: str
+    # Fraction of peak bf16 a diffusion denoiser reaches end to end (attention, norms and small GEMMs
+    # pull it well below GEMM peak). Not fitted, until calibrate() runs.
+    compute_efficiency: float = 0.45
+    # Memory the torch caching allocator never sees: the CUDA context itself, loaded kernel images
+    # (torch + cuBLAS + cuDNN fatbins, fewer with lazy module loading) and the libraries' handle state.
+    # nvidia-smi minus torch.cuda.memory_reserved() is typically 300-600 MiB on recent drivers;
+    # 600 MiB is the upper end, so plans err towards fitting.
+    context_bytes: int = 600 * 2**20
+    # torch.cuda.memory_reserved() / memory_allocated() at peak. Above 1 because the caching allocator
+    # rounds requests up (512 B blocks, 2 MiB segments for small tensors, 2 MiB-rounded large segments)
+    # and split blocks leave free tails that later, larger tensors cannot use (fragmentation).
+    # Inference runs usually land at 1.05-1.2.
+    reserved_over_allocated: float = 1.10
+    # Per offload group: a few kernel launches plus an event/stream wait, each some microseconds.
+    sync_s: float = 30e-6
+    # offload_to_disk reads: a mid-range NVMe through the filesystem and safetensors, not its peak.
+    disk_read_bytes_per_s: float = 2e9
+    calibrated: bool = False
+
+    def __post_init__(self) -> None:
+        # Catch a hand-written or corrupted JSON spec here rather than as a nonsense plan later.
+        positive = ("vram_bytes", "bf16_flops", "mem_bytes_per_s", "h2d_pinned_bytes_per_s",
+                    "h2d_pageable_bytes_per_s", "d2h_bytes_per_s", "disk_read_bytes_per_s")
+        bad = [f for f in positive if not getattr(self, f) > 0]
+        if bad:
+            raise ValueError(f"HardwareSpec {self.name!r}: {', '.join(bad)} must be > 0")
+        if not 0 < self.compute_efficiency <= 1:
+            raise ValueError(f"HardwareSpec {self.name!r}: compute_efficiency must be in (0, 1], "
+                             f"got {self.compute_efficiency}")
+        if self.reserved_over_allocated < 1:
+            raise ValueError(f"HardwareSpec {self.name!r}: reserved_over_allocated must be >= 1, "
+                             f"got {self.reserved_over_allocated}")
+        if not 0 <= self.context_bytes < self.vram_bytes:
+            raise ValueError(f"HardwareSpec {self.name!r}: context_bytes must be in [0, vram_bytes)")
+
+    @property
+    def usable_vram_bytes(self) -> int:
+        """VRAM the torch allocator can hand out: the card minus what the CUDA context holds."""
+        return self.vram_bytes - self.context_bytes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HardwareSpec:
+        """Build a spec from `to_dict()` output. Unknown keys and missing required keys are errors;
+        defaulted fields may be left out and take their stated defaults."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"HardwareSpec: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+        required = {name for name, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"HardwareSpec: missing required key(s) {missing}")
+        return cls(**data)
+
+
+# Realistic pinned host->device copy rates (bandwidthTest-style), well below the raw link rate because of
+# PCIe packet/protocol overhead. Gen4 x8 (RTX 4060 / 4060 Ti) has the raw rate of Gen3 x16.
+_PINNED_BY_LINK: dict[tuple[int, int], float] = {
+    (3, 16): 12e9,
+    (4, 8): 12e9,
+    (4, 16): 25e9,
+    (5, 16): 50e9,
+}
+# Pageable copies go through a driver staging buffer (an extra host memcpy), typically 40-60% of pinned.
+_PAGEABLE_FRACTION = 0.5
+
+
+def _gpu(name: str, *, vram_gib: float, bf16_tflops: float, mem_gb_per_s: float, pcie: tuple[int, int],
+         fp8: bool, source: str) -> HardwareSpec:
+    """Table row in datasheet units; derives the host-link rates from the PCIe generation and width."""
+    pinned = _PINNED_BY_LINK[pcie]
+    return HardwareSpec(
+        name=name,
+        vram_bytes=int(vram_gib * 2**30),
+        bf16_flops=bf16_tflops * 1e12,
+        mem_bytes_per_s=mem_gb_per_s * 1e9,
+        pcie_gen=pcie[0],
+        h2d_pinned_bytes_per_s=pinned,
+        h2d_pageable_bytes_per_s=pinned * _PAGEABLE_FRACTION,
+        # bandwidthTest reports device->host within a few percent of pinned host->device on these links.
+        d2h_bytes_per_s=pinned,
+        fp8=fp8,
+        source=source,
+    )
+
+
+# VRAM convention: the "GB" NVIDIA sells is taken as GiB (24 GB -> 24 * 2**30), which is what the chips
+# hold; nvidia-smi shows a little less (ECC/driver reservations), e.g. 81559 MiB on an H100 80GB.
+# H200 "141 GB" is likewise 141 GiB (nvidia-smi: 143771 MiB).
+# GeForce FLOPs marked "derived" are SM count x boost clock x 512 FLOP/clk/SM (half-rate FP32 accumulate),
+# which reproduces the whitepaper figures for the 3090, 4080 and 4090.
+GPUS: dict[str, HardwareSpec] = {
+    spec.name: spec
+    for spec in (
+        # --- Ampere GeForce (no fp8) ---
+        _gpu("rtx-3060-12gb", vram_gib=12, bf16_tflops=25.5, mem_gb_per_s=360, pcie=(4, 16), fp8=False,
+             source="NVIDIA RTX 3060 12GB specs (28 SM, 1777 MHz boost, 192-bit 15 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x16"),
+        _gpu("rtx-3090", vram_gib=24, bf16_tflops=71, mem_gb_per_s=936.2, pcie=(4, 16), fp8=False,
+             source="NVIDIA Ampere GA102 whitepaper: RTX 3090 dense FP16/BF16 w/ FP32 acc 71 TFLOPS; "
+                    "936 GB/s GDDR6X; PCIe 4.0 x16"),
+        # --- Ada GeForce (fp8 tensor cores) ---
+        _gpu("rtx-4060-8gb", vram_gib=8, bf16_tflops=30.2, mem_gb_per_s=272, pcie=(4, 8), fp8=True,
+             source="NVIDIA RTX 4060 specs (24 SM, 2460 MHz boost, 128-bit 17 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x8"),
+        _gpu("rtx-4060-ti-16gb", vram_gib=16, bf16_tflops=44.1, mem_gb_per_s=288, pcie=(4, 8), fp8=True,
+             source="NVIDIA RTX 4060 Ti 16GB specs (34 SM, 2535 MHz boost, 128-bit 18 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x8"),
+        _gpu("rtx-4070-12gb", vram_gib=12, bf16_tflops=58.3, mem_gb_per_s=504.2, pcie=(4, 16), fp8=True,
+             source="NVIDIA RTX 4070 specs (46 SM, 2475 MHz boost, 192-bit 21 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x16"),
+        _gpu("rtx-4080", vram_gib=16, bf16_tflops=97.5, mem_gb_per_s=716.8, pcie=(4, 16), fp8=True,
+             source="NVIDIA Ada whitepaper: RTX 4080 16GB dense FP16/BF16 w/ FP32 acc 97.5 TFLOPS; "
+                    "716.8 GB/s GDDR6X; PCIe 4.0 x16"),
+        _gpu("rtx-4090", vram_gib=24, bf16_tflops=165.2, mem_gb_per_s=1008, pcie=(4, 16), fp8=True,
+             source="NVIDIA Ada whitepaper: RTX 4090 dense FP16/BF16 w/ FP32 acc 165.2 TFLOPS; "
+                    "1008 GB/s GDDR6X; PCIe 4.0 x16"),
+        # --- Blackwell GeForce ---
+        _gpu("rtx-5090", vram_gib=32, bf16_tflops=209.5, mem_gb_per_s=1792, pcie=(5, 16), fp8=True,
+             source="NVIDIA Blackwell GeForce specs: RTX 5090 dense FP16/BF16 w/ FP32 acc 209.5 TFLOPS "
+                    "(170 SM, 2407 MHz boost); 1792 GB/s GDDR7; PCIe 5.0 x16"),
+        # --- Data-centre / cloud inference cards (full-rate FP32 accumulate) ---
+        _gpu("t4", vram_gib=16, bf16_tflops=65, mem_gb_per_s=320, pcie=(3, 16), fp8=False,
+             source="NVIDIA T4 datasheet: 65 TFLOPS FP16 mixed precision (Turing has NO bf16 tensor cores: "
+                    "bf16 runs far slower, plan fp16 on T4); 320 GB/s GDDR6; PCIe 3.0 x16"),
+        _gpu("a10g", vram_gib=24, bf16_tflops=70, mem_gb_per_s=600, pcie=(4, 16), fp8=False,
+             source="AWS G5 A10G: ~70 TFLOPS dense BF16 (approximate; AWS-only part without an NVIDIA "
+                    "datasheet, the A10 is 125); 600 GB/s GDDR6; PCIe 4.0 x16"),
+        _gpu("l4", vram_gib=24, bf16_tflops=121, mem_gb_per_s=300, pcie=(4, 16), fp8=True,
+             source="NVIDIA L4 datasheet: BF16 242 TFLOPS with sparsity -> 121 dense; 300 GB/s GDDR6; "
+                    "PCIe 4.0 x16"),
+        _gpu("a100-40gb", vram_gib=40, bf16_tflops=312, mem_gb_per_s=1555, pcie=(4, 16), fp8=False,
+             source="NVIDIA A100 datasheet: BF16 312 TFLOPS dense; 40GB HBM2 1555 GB/s; PCIe 4.0 host link"),
+        _gpu("a100-80gb", vram_gib=80, bf16_tflops=312, mem_gb_per_s=2039, pcie=(4, 16), fp8=False,
+             source="NVIDIA A100 datasheet: BF16 312 TFLOPS dense; 80GB HBM2e 2039 GB/s (SXM; PCIe card "
+                    "1935 GB/s); PCIe 4.0 host link"),
+        _gpu("h100", vram_gib=80, bf16_tflops=989, mem_gb_per_s=3350, pcie=(5, 16), fp8=True,
+             source="NVIDIA H100 SXM5 80GB datasheet: BF16 1979 TFLOPS with sparsity -> 989 dense; "
+                    "HBM3 3.35 TB/s; PCIe 5.0 host link"),
+        _gpu("h100-pcie", vram_gib=80, bf16_tflops=756, mem_gb_per_s=2000, pcie=(5, 16), fp8=True,
+             source="NVIDIA H100 PCIe 80GB datasheet: BF16 1513 TFLOPS with sparsity -> 756 dense; "
+                    "HBM2e 2.0 TB/s; PCIe 5.0 x16"),
+        _gpu("h200", vram_gib=141, bf16_tflops=989, mem_gb_per_s=4800, pcie=(5, 16), fp8=True,
+             source="NVIDIA H200 SXM datasheet: BF16 1979 TFLOPS with sparsity -> 989 dense; "
+                    "141GB HBM3e 4.8 TB/s; PCIe 5.0 host link"),
+    )
+}
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace(" ", "-").replace("_", "-")
+
+
+def _load_json_spec(path: Path) -> HardwareSpec:
+    logger.debug("loading hardware spec from %s", path)
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"hardware spec file {path} must hold a JSON object, got {type(data).__name__}")
+    return HardwareSpec.from_dict(data)
+
+
+def get_gpu(spec: str | os.PathLike | HardwareSpec | None) -> HardwareSpec:
+    """Resolve `spec` to a HardwareSpec: a spec as is, a table name (case, spaces and underscores
+    ignored: "RTX 4090" -> "rtx-4090"), or the path of a .json file written by save_spec()."""
+    if spec is None:
+        raise ValueError("no GPU given: pass gpu=<name> (one of "
+                         f"{', '.join(GPUS)}) or gpu=<path to a .json spec>")
+    if isinstance(spec, HardwareSpec):
+        return spec
+    text = os.fspath(spec)
+    if text.lower().endswith(".json"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"hardware spec file {text!r} does not exist")
+        return _load_json_spec(path)
+    key = _normalise_name(text)
+    if key in GPUS:
+        return GPUS[key]
+    raise ValueError(f"unknown GPU {text!r}: known names are {', '.join(GPUS)}; "
+                     "or pass the path of a .json spec (see save_spec)")
+
+
+def save_spec(spec: HardwareSpec, path: str | os.PathLike) -> None:
+    """Write `spec` as JSON that get_gpu(path) reads back."""
+    Path(path).write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")

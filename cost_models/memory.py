@@ -1,0 +1,124 @@
+"""Peak VRAM and host RAM of a plan, from the profile. Each term reads like the hooks it models.
+
+Peak VRAM while component c runs (every call of the pipeline is one such moment):
+    peak(c) = sum_{d != c} resident_bytes(d) + on_device_in_call(c) + activation(c)
+Phase peak = max over the components called in that phase; the plan's peak = max over phases.
+"""
+
+from __future__ import annotations
+
+from planner.profiler import ComponentProfile, Unit
+from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT,
+                              SEQUENTIAL_OFFLOAD, Choice, ComponentPlan)
+
+PHASES = {"text_encoder": "encode", "denoiser": "denoise", "vae": "decode"}
+# With record_stream, a group's memory returns to the allocator only once the compute stream has passed it,
+# so one more group than the two in flight can still be held.
+RECORD_STREAM_EXTRA_GROUPS = 1
+
+
+def unit_bytes(unit: Unit, plan: ComponentPlan) -> int:
+    return unit.n_bytes - (unit.fp8_saving_bytes if plan.fp8 else 0)
+
+
+def stored_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
+    """Bytes of the component's weights as stored (fp8 halves only the eligible layers)."""
+    return comp.total_bytes - (comp.fp8_saving_bytes if plan.fp8 else 0)
+
+
+def block_groups(comp: ComponentProfile, plan: ComponentPlan) -> list[list[Unit]]:
+    """diffusers' block_level groups: each ModuleList chunked by num_blocks_per_group, in call order."""
+    n = plan.num_blocks_per_group or 1
+    groups: list[list[Unit]] = []
+    for list_name, length in comp.block_lists.items():
+        units = [b for b in comp.blocks if b.name.split(".")[0] == list_name]
+        groups.extend(units[i:i + n] for i in range(0, length, n))
+    return groups
+
+
+def _largest_group_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
+    if plan.offload_type == LEAF_LEVEL:
+        return _fp8_scaled(comp.largest_leaf_bytes, comp, plan)
+    return max((sum(unit_bytes(u, plan) for u in g) for g in block_groups(comp, plan)), default=0)
+
+
+def _fp8_scaled(n_bytes: int, comp: ComponentProfile, plan: ComponentPlan) -> int:
+    # The largest leaf is usually fp8-eligible; scale it by the component's stored/total ratio otherwise.
+    return n_bytes if not plan.fp8 else int(n_bytes * stored_bytes(comp, plan) / max(comp.total_bytes, 1))
+
+
+def groups_in_flight(plan: ComponentPlan) -> int:
+    """Groups on the device at once: one without streams; with streams the next is prefetched."""
+    if not plan.use_stream:
+        return 1
+    return 2 + (RECORD_STREAM_EXTRA_GROUPS if plan.record_stream else 0)
+
+
+def resident_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
+    """Bytes on the device for the whole pipeline call, whatever runs."""
+    return stored_bytes(comp, plan) if plan.strategy == RESIDENT else 0
+
+
+def in_call_weight_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
+    """Weight bytes on the device while this component runs."""
+    if plan.strategy in (RESIDENT, MODEL_OFFLOAD):
+        weights = stored_bytes(comp, plan)
+    elif plan.strategy == SEQUENTIAL_OFFLOAD:
+        weights = comp.largest_leaf_bytes
+    elif plan.offload_type == BLOCK_LEVEL:
+        unmatched = unit_bytes(comp.unmatched, plan)  # onloaded for the whole forward
+        weights = unmatched + groups_in_flight(plan) * _largest_group_bytes(comp, plan)
+    else:  # leaf_level: one leaf (+ prefetched ones) at a time
+        weights = groups_in_flight(plan) * _largest_group_bytes(comp, plan)
+    upcast = comp.largest_fp8_leaf_bytes if plan.fp8 else 0  # the layer being computed, cast up
+    return min(weights, stored_bytes(comp, plan)) + upcast
+
+
+def activation_bytes(comp: ComponentProfile, choice: Choice) -> int:
+    if comp.role == "vae":
+        candidates = [comp.activation_peak_bytes]
+        if choice.vae_tiling and comp.tiled_activation_peak_bytes is not None:
+            candidates.append(comp.tiled_activation_peak_bytes)
+        if choice.vae_slicing and comp.sliced_activation_peak_bytes is not None:
+            candidates.append(comp.sliced_activation_peak_bytes)
+        # diffusers tiles each slice when both are on: bounded by the smaller of the two
+        return min(candidates)
+    return comp.activation_peak_bytes
+
+
+def phase_peaks(comps: dict[str, ComponentProfile], choice: Choice) -> dict[str, int]:
+    """Allocator peak (bytes) per phase: encode, denoise, decode."""
+    always = {n: resident_bytes(c, choice.components[n]) for n, c in comps.items()}
+    base = sum(always.values())
+    peaks: dict[str, int] = {}
+    for name, comp in comps.items():
+        phase = PHASES.get(comp.role)
+        if phase is None or comp.calls_per_run == 0:
+            continue
+        plan = choice.components[name]
+        running = base - always[name] + in_call_weight_bytes(comp, plan) + activation_bytes(comp, choice)
+        peaks[phase] = max(peaks.get(phase, 0), running)
+    return peaks or {"idle": base}
+
+
+def host_ram_bytes(comps: dict[str, ComponentProfile], choice: Choice) -> int:
+    """Host RAM holding offloaded weights, at its peak.
+
+    Offloaded weights live on the CPU (disk offload: only the group being moved). With streams and
+    low_cpu_mem_usage=False, diffusers pins a copy of every offloaded tensor at setup while the original is
+    still referenced, so that component briefly needs twice its bytes (the diffusers docs' "~2x")."""
+    held, setup_extra = 0, 0
+    for name, comp in comps.items():
+        plan = choice.components[name]
+        if not plan.offloaded:
+            continue
+        stored = stored_bytes(comp, plan)
+        if plan.offload_to_disk:
+            held += _largest_group_bytes(comp, plan) * groups_in_flight(plan)
+            continue
+        held += stored
+        if plan.use_stream and not plan.low_cpu_mem_usage:
+            setup_extra = max(setup_extra, stored)
+        elif plan.use_stream:  # pinned on each onload: one group's temporary pinned copy
+            setup_extra = max(setup_extra, groups_in_flight(plan) * _largest_group_bytes(comp, plan))
+    return held + setup_extra

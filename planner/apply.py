@@ -1,0 +1,197 @@
+"""Apply a Plan to a loaded pipeline with diffusers' own hooks, in diffusers' order, all-or-nothing.
+
+Order: validate everything → remove a previous plan's hooks → fp8 layerwise casting → group offloading /
+model / sequential offload → resident components to the device → VAE tiling and slicing.
+fp8 layerwise casting cannot be undone in process: a plan needing another storage dtype asks to reload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+
+import torch
+
+from planner.sources import config_hash
+from planner.strategy import (GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice, ComponentPlan,
+                              PlanError)
+
+logger = logging.getLogger(__name__)
+
+_APPLIED_ATTR = "_memplan_plan"
+_GROUP_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker")
+_CASTING_HOOKS = ("layerwise_casting", "peft_autocast_disable")
+
+
+# ---------------------------------------------------------------- validation (touches nothing)
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+
+def _fp8_dtype_of(module: torch.nn.Module) -> str | None:
+    for p in module.parameters():
+        if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def validate_plan(plan, pipe, device: str) -> None:
+    """Raise PlanError if `plan` cannot be applied to `pipe` on `device` exactly as written."""
+    if not hasattr(pipe, "components"):
+        raise PlanError(f"{type(pipe).__name__} is not a diffusers pipeline")
+    if type(pipe).__name__ != plan.pipeline_class:
+        raise PlanError(f"plan is for {plan.pipeline_class}, the pipeline is {type(pipe).__name__}")
+    comps = _components(pipe)
+    plan.choice.validate(list(comps))
+    for name, module in comps.items():
+        _check_component(name, module, plan.components.get(name, {}), plan.choice.components[name])
+    _check_device(plan.choice, device)
+    _check_vae(plan.choice, comps)
+
+
+def _check_component(name: str, module: torch.nn.Module, meta: dict, cplan: ComponentPlan) -> None:
+    if meta.get("class") and meta["class"] != type(module).__name__:
+        raise PlanError(f"{name}: plan is for {meta['class']}, the pipeline has {type(module).__name__}")
+    if meta.get("config_hash") and meta["config_hash"] != config_hash(module):
+        raise PlanError(f"{name}: its config differs from the one the plan was made for (config hash); re-plan")
+    if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
+        raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
+                        "enable_layerwise_casting); set its storage_dtype to null")
+    current = _fp8_dtype_of(module)
+    if current is not None and current != cplan.storage_dtype:
+        raise PlanError(f"{name}: its weights are already stored in {current} (layerwise casting cannot be undone "
+                        f"in process) and the plan needs {cplan.storage_dtype or 'the compute dtype'}: reload {name}")
+
+
+def _check_device(choice: Choice, device: str) -> None:
+    needs_accelerator = [n for n, p in choice.components.items()
+                         if p.use_stream or p.strategy in (MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD)]
+    if needs_accelerator and torch.device(device).type == "cpu":
+        raise PlanError(f"{', '.join(needs_accelerator)}: streams and model/sequential offload need an accelerator, "
+                        f"the device is {device!r}; apply on a GPU or re-plan with device='cpu'")
+
+
+def _check_vae(choice: Choice, comps: dict) -> None:
+    vae = comps.get("vae")
+    for flag, method in ((choice.vae_tiling, "enable_tiling"), (choice.vae_slicing, "enable_slicing")):
+        if flag and (vae is None or not hasattr(vae, method)):
+            raise PlanError(f"plan asks for vae.{method}() but the pipeline's VAE does not offer it; re-plan")
+
+
+# ---------------------------------------------------------------- snapshot / restore
+
+class _Snapshot:
+    """Every parameter's and buffer's data, and the VAE flags, to restore after a failed apply."""
+
+    def __init__(self, pipe):
+        self.tensors = [(t, t.data) for m in _components(pipe).values() for t in [*m.parameters(), *m.buffers()]]
+        vae = _components(pipe).get("vae")
+        self.vae_flags = (getattr(vae, "use_tiling", None), getattr(vae, "use_slicing", None)) if vae else None
+        self.fp8 = {n: _fp8_dtype_of(m) for n, m in _components(pipe).items()}
+
+    def restore(self, pipe) -> None:
+        remove_hooks(pipe)
+        for name, module in _components(pipe).items():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and self.fp8[name] is None:  # casting added by the failed apply
+                for hook in _CASTING_HOOKS:
+                    registry.remove_hook(hook, recurse=True)
+        for tensor, data in self.tensors:
+            tensor.data = data
+        vae = _components(pipe).get("vae")
+        if vae is not None and self.vae_flags is not None:
+            vae.use_tiling, vae.use_slicing = self.vae_flags
+        setattr(pipe, _APPLIED_ATTR, None)
+
+
+def remove_hooks(pipe) -> None:
+    """Remove memplan's offloading hooks (diffusers group offloading, accelerate model/sequential offload).
+    Layerwise-casting hooks stay: fp8 storage cannot be undone in process."""
+    if getattr(pipe, "_all_hooks", None) or any(hasattr(m, "_hf_hook") for m in _components(pipe).values()):
+        pipe.remove_all_hooks()
+    for module in _components(pipe).values():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            for name in _GROUP_HOOKS:
+                registry.remove_hook(name, recurse=True)
+
+
+# ---------------------------------------------------------------- the knobs
+
+def _apply_storage(module: torch.nn.Module, plan: ComponentPlan) -> None:
+    if not plan.fp8 or _fp8_dtype_of(module) == plan.storage_dtype:
+        return
+    # Irreversible in process: the weights are stored in fp8 from here on (re-casting loses precision).
+    module.enable_layerwise_casting(storage_dtype=getattr(torch, plan.storage_dtype),
+                                    compute_dtype=_compute_dtype(module))
+
+
+def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    return max(set(floats), key=floats.count)
+
+
+def _apply_group(module: torch.nn.Module, name: str, plan: ComponentPlan, device: str, offload_dir: str | None) -> None:
+    from diffusers.hooks import apply_group_offloading
+
+    module.to("cpu")
+    disk = None
+    if plan.offload_to_disk:
+        disk = f"{offload_dir or tempfile.mkdtemp(prefix='memplan-')}/{name}"
+    apply_group_offloading(
+        module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+        offload_type=plan.offload_type, num_blocks_per_group=plan.num_blocks_per_group,
+        use_stream=plan.use_stream, record_stream=plan.record_stream,
+        low_cpu_mem_usage=plan.low_cpu_mem_usage, offload_to_disk_path=disk,
+    )
+
+
+def _apply_vae(pipe, choice: Choice) -> None:
+    vae = _components(pipe).get("vae")
+    if vae is None:
+        return
+    if hasattr(vae, "enable_tiling"):
+        vae.enable_tiling() if choice.vae_tiling else vae.disable_tiling()
+    if hasattr(vae, "enable_slicing"):
+        vae.enable_slicing() if choice.vae_slicing else vae.disable_slicing()
+
+
+def _apply_placement(pipe, choice: Choice, device: str, offload_dir: str | None) -> None:
+    comps = _components(pipe)
+    wide = choice.pipeline_strategy
+    if wide == MODEL_OFFLOAD:
+        pipe.enable_model_cpu_offload(device=device)
+    elif wide == SEQUENTIAL_OFFLOAD:
+        pipe.enable_sequential_cpu_offload(device=device)
+    for name, module in comps.items():
+        plan = choice.components[name]
+        if plan.strategy == GROUP_OFFLOAD:
+            _apply_group(module, name, plan, device, offload_dir)
+        elif plan.strategy == RESIDENT:
+            module.to(device)
+
+
+def apply_plan(plan, pipe, device: str, offload_dir: str | None = None) -> None:
+    """Apply `plan` to `pipe`; validated before anything is touched, restored if anything fails half-way."""
+    validate_plan(plan, pipe, device)
+    previous = getattr(pipe, _APPLIED_ATTR, None)
+    if previous is not None and previous.choice == plan.choice:
+        logger.info("plan already applied: nothing to do")
+        return
+    snapshot = _Snapshot(pipe)
+    try:
+        remove_hooks(pipe)
+        for name, module in _components(pipe).items():
+            _apply_storage(module, plan.choice.components[name])
+        _apply_placement(pipe, plan.choice, device, offload_dir)
+        _apply_vae(pipe, plan.choice)
+    except Exception:
+        snapshot.restore(pipe)
+        if previous is not None:
+            logger.warning("apply failed; re-applying the previous plan")
+            apply_plan(previous, pipe, previous.device, offload_dir)
+        raise
+    setattr(pipe, _APPLIED_ATTR, dataclasses.replace(plan, device=device))
+    logger.info("applied plan to %s on %s", plan.pipeline_class, device)

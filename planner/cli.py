@@ -1,0 +1,163 @@
+"""The `memplan` command line: plan, estimate, show, gpus, zoo (and bench/report from benchmarks/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from planner.strategy import PlanError
+from planner.units import format_size
+
+logger = logging.getLogger(__name__)
+
+EPILOG_PLAN = """examples:
+  memplan plan flux-dev --budget 8GB --gpu rtx-4090 -o plans/flux-dev-8GB.json
+  memplan plan ./my-model-folder --budget 12GiB --gpu l4 --height 768 --width 768 --steps 20
+"""
+EPILOG_ESTIMATE = """examples:
+  memplan estimate flux-dev --plan plans/flux-dev-8GB.json
+  memplan estimate sdxl-base --plan my-hand-written-plan.json --gpu rtx-4060-8gb --json
+"""
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, dest="num_frames")
+    p.add_argument("--steps", type=int, dest="num_inference_steps")
+    p.add_argument("--batch", type=int, dest="batch_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memplan", description="Fastest diffusers memory plan within a budget.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="plan a zoo model or a diffusers model folder", epilog=EPILOG_PLAN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="zoo name (memplan zoo) or a folder with model_index.json")
+    p.add_argument("--budget", required=True, help="VRAM of the card, e.g. 8GB or 8GiB")
+    p.add_argument("--gpu", required=True, help="GPU name (memplan gpus) or spec JSON")
+    p.add_argument("--ram", help="host RAM budget (default: this machine's available RAM)")
+    p.add_argument("--device", default="cuda", help="device the plan runs on (default cuda)")
+    p.add_argument("--no-lossy", action="store_true", help="forbid fp8 storage")
+    p.add_argument("--trials", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", help="Optuna RDB URL, e.g. sqlite:///memplan.db")
+    p.add_argument("-o", "--output", help="write the plan JSON here")
+    _workload_args(p)
+
+    e = sub.add_parser("estimate", help="price a given plan", epilog=EPILOG_ESTIMATE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model")
+    e.add_argument("--plan", required=True)
+    e.add_argument("--gpu", help="GPU (default: the plan's)")
+    e.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    _workload_args(e)
+
+    s = sub.add_parser("show", help="print a plan file", epilog="example:\n  memplan show plans/flux-dev-8GB.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("plan")
+    sub.add_parser("gpus", help="list the GPU table", epilog="example:\n  memplan gpus",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser("zoo", help="list the built-in pipelines", epilog="example:\n  memplan zoo",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+def _workload(args) -> dict:
+    return {k: getattr(args, k) for k in ("height", "width", "num_frames", "num_inference_steps", "batch_size")
+            if getattr(args, k, None) is not None}
+
+
+def cmd_plan(args) -> int:
+    from planner.optimizer import plan_for
+
+    plan = plan_for(args.model, args.budget, ram_budget=args.ram, gpu=args.gpu, device=args.device,
+                    allow_lossy=not args.no_lossy, n_trials=args.trials, seed=args.seed, storage=args.storage,
+                    **_workload(args))
+    print(plan.summary())
+    print(f"\nalternatives (Pareto front, {len(plan.alternatives)}):")
+    for alt in plan.alternatives[:10]:
+        e = alt.predicted
+        print(f"  card {format_size(e.card_peak_bytes):>10s}  host {format_size(e.host_ram_bytes):>10s}  {e.total_s:8.2f}s")
+    if args.output:
+        plan.save(args.output)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from cost_models import estimate, get_gpu
+    from planner.plan import Plan
+    from planner.profiler import profile
+    from planner.sources import load_source
+    from planner.workload import Workload, default_workload
+
+    plan = Plan.load(args.plan)
+    source = load_source(args.model)
+    overrides = _workload(args)
+    work = Workload.from_dict({**plan.workload, **overrides}) if plan.workload else default_workload(
+        source.pipeline_class, **{**source.workload_defaults, **overrides})
+    hw = get_gpu(args.gpu) if args.gpu else _plan_gpu(plan)
+    est = estimate(profile(source, work), plan.choice, hw)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        from planner.plan import describe_estimate
+
+        print(describe_estimate(est))
+    return 0
+
+
+def _plan_gpu(plan):
+    from cost_models import HardwareSpec
+
+    if not plan.hardware:
+        raise ValueError("the plan names no GPU: pass --gpu")
+    return HardwareSpec.from_dict(plan.hardware)
+
+
+def cmd_show(args) -> int:
+    from planner.plan import Plan
+
+    print(Plan.load(args.plan).summary())
+    return 0
+
+
+def cmd_gpus(args) -> int:
+    from cost_models import GPUS
+
+    for name, hw in GPUS.items():
+        print(f"{name:18s} {format_size(hw.vram_bytes):>11s} {hw.bf16_flops / 1e12:7.1f} TFLOP/s  "
+              f"PCIe{hw.pcie_gen} {hw.h2d_pinned_bytes_per_s / 1e9:5.1f} GB/s pinned  fp8={hw.fp8}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from planner.sources import zoo_names
+
+    print("\n".join(zoo_names()))
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "estimate": cmd_estimate, "show": cmd_show, "gpus": cmd_gpus, "zoo": cmd_zoo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, PlanError, FileNotFoundError) as err:  # BudgetError is a ValueError
+        if args.debug:
+            raise
+        print(f"memplan: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

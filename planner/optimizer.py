@@ -1,0 +1,112 @@
+"""optimize(): profile → cost model → search → Plan → apply, in one call."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from cost_models import HardwareSpec, get_gpu
+from planner.plan import Alternative, Plan
+from planner.profiler import Profile, profile
+from planner.search import Budgets, search
+from planner.sources import PipelineSource, from_pipeline, load_source
+from planner.space import SearchSpace
+from planner.units import parse_size
+from planner.workload import default_workload
+
+logger = logging.getLogger(__name__)
+
+
+def available_ram_bytes() -> int:
+    """This machine's available RAM (MemAvailable), the default host-RAM budget."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _source(model) -> PipelineSource:
+    if isinstance(model, PipelineSource):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_source(model)
+    return from_pipeline(model)
+
+
+def _default_device(pipe_like) -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = None,
+             gpu: str | HardwareSpec | None = None, device: str | None = None, allow_lossy: bool = True,
+             n_trials: int = 300, seed: int = 0, storage: str | None = None, **workload) -> Plan:
+    """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
+    vram_bytes = parse_size(vram_budget)
+    ram_bytes = parse_size(ram_budget) if ram_budget is not None else available_ram_bytes()
+    hw = get_gpu(gpu or _detect_gpu())
+    device = device or _default_device(model)
+    source = _source(model)
+    work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
+    prof = profile(source, work)
+    ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
+    space = SearchSpace(cuda=torch.device(device).type == "cuda", allow_lossy=allow_lossy, allow_disk=ram_short)
+    result = search(prof, hw, Budgets(vram_bytes, ram_bytes), space=space, n_trials=n_trials, seed=seed,
+                    storage=storage)
+    return _make_plan(prof, source, result, hw, device, Budgets(vram_bytes, ram_bytes))
+
+
+def _make_plan(prof: Profile, source: PipelineSource, result, hw: HardwareSpec, device: str, budgets: Budgets) -> Plan:
+    comps = {n: {"class": c.class_name, "config_hash": c.config_hash} for n, c in prof.components.items()}
+    alternatives = tuple(Alternative(c.choice, c.estimate) for c in result.pareto)
+    return Plan(pipeline_class=source.pipeline_class, components=comps, choice=result.best.choice,
+                predicted=result.best.estimate, workload=prof.workload.to_dict(),
+                budgets={"vram_bytes": budgets.vram_bytes, "ram_bytes": budgets.ram_bytes},
+                hardware=hw.to_dict(), device=device, alternatives=alternatives)
+
+
+def _detect_gpu() -> str:
+    raise ValueError("no target GPU given: pass gpu='rtx-4090' (see `memplan gpus`) or gpu='my-gpu.json' "
+                     "(from calibrate())")
+
+
+def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | None = None,
+             gpu: str | HardwareSpec | None = None, device: str | None = None, height: int | None = None,
+             width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
+             batch_size: int = 1, allow_lossy: bool = True, n_trials: int = 300, seed: int = 0,
+             storage: str | None = None, apply: bool = True) -> Plan:
+    """Choose the fastest memory plan for `pipe` that fits the budgets, and apply it.
+
+    Example:
+        >>> plan = optimize(pipe, vram_budget="8GB", gpu="rtx-4070-12gb")   # pipe is ready to run
+        >>> plan.save("flux-8gb.json")                                       # later: Plan.load(...).apply(pipe)
+
+    Args:
+        pipe: a loaded diffusers pipeline (or a zoo name / model folder, with apply=False).
+        vram_budget: the memory of the card the plan must run on ("8GB" = 8e9 bytes, "8GiB" = 8*2**30): the
+            predicted allocator peak times the allocator overhead plus the CUDA context must fit in it.
+        ram_budget: host RAM for offloaded weights (default: this machine's available RAM).
+        gpu: the target GPU, a name from `memplan gpus` or a spec JSON from calibrate().
+        device: where the pipeline runs ("cuda" if available, else "cpu"); on "cpu" only knobs that run on
+            CPU are searched (group offloading without streams, fp8 storage, VAE tiling/slicing).
+        height, width, num_frames, num_inference_steps, batch_size: the workload (defaults: the pipeline's).
+        allow_lossy: allow fp8 storage of weights (layerwise casting: lossy, cannot be undone in process).
+        n_trials, seed, storage: the Optuna study (storage: an RDB URL such as "sqlite:///memplan.db").
+        apply: apply the plan to `pipe` before returning it.
+
+    Raises:
+        ValueError: bad input, named. planner.search.BudgetError: no plan fits; it names the minimum.
+    """
+    plan = plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
+                    n_trials=n_trials, seed=seed, storage=storage, height=height, width=width,
+                    num_frames=num_frames, num_inference_steps=num_inference_steps, batch_size=batch_size)
+    if apply:
+        if isinstance(pipe, (str, os.PathLike, PipelineSource)):
+            raise ValueError("apply=True needs a loaded pipeline; pass apply=False to plan for a zoo name or folder")
+        plan.apply(pipe)
+    return plan

@@ -1,0 +1,137 @@
+"""Plan: the chosen knobs with everything needed to check, share and re-apply them (a versioned JSON file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cost_models import Estimate
+from planner.strategy import Choice, PlanError
+from planner.units import format_size
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        memplan = version("memplan")
+    except PackageNotFoundError:
+        memplan = "unknown"
+    return {"memplan": memplan, "diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+@dataclass(frozen=True)
+class Alternative:
+    choice: Choice
+    predicted: Estimate
+
+    def to_dict(self) -> dict:
+        return {"choice": self.choice.to_dict(), "predicted": self.predicted.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Alternative":
+        return cls(Choice.from_dict(data["choice"]), Estimate.from_dict(data["predicted"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A memory plan. `choice` holds the knobs; `predicted` the cost model's estimate for them;
+    `components` maps each component to its class and config hash, so a plan is only applied where it fits."""
+
+    pipeline_class: str
+    components: dict[str, dict[str, str]]
+    choice: Choice
+    predicted: Estimate | None
+    workload: dict = field(default_factory=dict)
+    budgets: dict[str, int] = field(default_factory=dict)
+    hardware: dict = field(default_factory=dict)
+    device: str = "cuda"
+    alternatives: tuple[Alternative, ...] = ()
+    versions: dict[str, str] = field(default_factory=_versions)
+    schema_version: int = SCHEMA_VERSION
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["choice"] = self.choice.to_dict()
+        data["predicted"] = self.predicted.to_dict() if self.predicted else None
+        data["alternatives"] = [a.to_dict() for a in self.alternatives]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {version!r} is not supported (this memplan reads {SCHEMA_VERSION}); "
+                            "re-plan with this version of memplan")
+        missing = {"pipeline_class", "components", "choice"} - set(data)
+        if missing:
+            raise PlanError(f"plan is missing {sorted(missing)}; see the README's plan JSON schema")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise PlanError(f"plan has unknown keys {sorted(unknown)}; see the README's plan JSON schema")
+        kwargs = dict(data)
+        kwargs["choice"] = Choice.from_dict(data["choice"])
+        kwargs["predicted"] = Estimate.from_dict(data["predicted"]) if data.get("predicted") else None
+        kwargs["alternatives"] = tuple(Alternative.from_dict(a) for a in data.get("alternatives", []))
+        plan = cls(**kwargs)
+        plan.choice.validate(list(plan.components))
+        return plan
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise PlanError(f"cannot read plan {path}: {err}") from err
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------ use
+    def apply(self, pipe, device: str | None = None) -> None:
+        """Apply this plan to `pipe` with diffusers' own hooks (validated first; on error `pipe` is unchanged)."""
+        from planner.apply import apply_plan
+
+        apply_plan(self, pipe, device or self.device)
+
+    def summary(self) -> str:
+        """A readable table: component, class, strategy, then the predictions."""
+        rows = [f"{'component':16s} {'class':32s} plan"]
+        for name, meta in self.components.items():
+            rows.append(f"{name:16s} {meta.get('class', ''):32s} {describe_component(self.choice, name)}")
+        if self.choice.vae_tiling or self.choice.vae_slicing:
+            rows.append(f"{'vae tricks':16s} {'':32s} tiling={self.choice.vae_tiling} slicing={self.choice.vae_slicing}")
+        if self.predicted is not None:
+            rows.append(describe_estimate(self.predicted))
+        return "\n".join(rows)
+
+
+def describe_component(choice: Choice, name: str) -> str:
+    p = choice.components[name]
+    text = p.strategy
+    if p.offload_type:
+        text += f" {p.offload_type}" + (f" n={p.num_blocks_per_group}" if p.num_blocks_per_group else "")
+        text += " +stream" if p.use_stream else ""
+        text += " +record_stream" if p.record_stream else ""
+        text += " +low_cpu_mem" if p.low_cpu_mem_usage else ""
+        text += " +disk" if p.offload_to_disk else ""
+    return text + (f" [{p.storage_dtype}]" if p.fp8 else "")
+
+
+def describe_estimate(est: Estimate) -> str:
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in est.phase_s.items())
+    return (f"predicted: card peak {format_size(est.card_peak_bytes)} (allocator {format_size(est.allocated_peak_bytes)}, "
+            f"in {est.peak_phase}); host RAM {format_size(est.host_ram_bytes)}; time {est.total_s:.2f}s ({phases})")

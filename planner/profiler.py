@@ -1,0 +1,326 @@
+"""Profile: what each component of a pipeline weighs, how diffusers would split it, and what one call allocates.
+
+`profile(source, workload)` walks every nn.Module component (generic: no per-model table except the inputs of
+`planner.inputs`) and traces one call of each on the component's own device — `meta` for zoo/folder sources
+(no GPU, no weights), the real device for a loaded pipeline when `backend="device"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from planner.inputs import NoInputsKnown, call_builder
+from planner.sources import PipelineSource, config_hash
+from planner.tracing import block_names, trace_call
+from planner.workload import Workload
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+# The layers diffusers' group offloading (leaf_level) and layerwise casting act on.
+SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                    torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)
+# diffusers.hooks.layerwise_casting.DEFAULT_SKIP_MODULES_PATTERN (matched with re.search on module FQNs).
+DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+FP8_ELEMENT_BYTES = 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A set of weights moved together by group offloading: one block, or the unmatched remainder."""
+
+    name: str
+    n_bytes: int
+    fp8_saving_bytes: int  # how many of n_bytes fp8 storage would save
+    flops: float = 0.0  # per call
+
+
+@dataclass(frozen=True)
+class ComponentProfile:
+    name: str
+    class_name: str
+    config_hash: str
+    role: str  # text_encoder | denoiser | vae | other
+    param_bytes_by_dtype: dict[str, int]
+    buffer_bytes: int
+    fp8_saving_bytes: int
+    block_lists: dict[str, int]  # ModuleList name -> number of blocks
+    blocks: tuple[Unit, ...]  # in call order
+    unmatched: Unit
+    leaf_count: int
+    largest_leaf_bytes: int
+    largest_fp8_leaf_bytes: int  # compute-dtype bytes of the largest fp8-eligible layer (the upcast buffer)
+    calls_per_run: int
+    activation_peak_bytes: int
+    activation_peak_module: str
+    flops_per_call: float
+    activations_known: bool = True
+    tiled_activation_peak_bytes: int | None = None
+    tiled_flops_per_call: float | None = None
+    sliced_activation_peak_bytes: int | None = None
+    supports_tiling: bool = False
+    supports_slicing: bool = False
+    # diffusers models only: their `.dtype` reports the compute dtype under layerwise casting; transformers
+    # encoders would report fp8 and the pipeline would build its tensors in fp8.
+    supports_layerwise_casting: bool = False
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(self.param_bytes_by_dtype.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.buffer_bytes
+
+    @property
+    def has_blocks(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def max_blocks(self) -> int:
+        return max(self.block_lists.values(), default=0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    pipeline_class: str
+    source_name: str
+    workload: Workload
+    components: dict[str, ComponentProfile]
+    backend: str = "meta"
+    version: int = PROFILE_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        comps = {}
+        for name, c in data["components"].items():
+            c = dict(c)
+            c["blocks"] = tuple(Unit(**u) for u in c["blocks"])
+            c["unmatched"] = Unit(**c["unmatched"])
+            comps[name] = ComponentProfile(**c)
+        return cls(data["pipeline_class"], data["source_name"], Workload.from_dict(data["workload"]), comps,
+                   data.get("backend", "meta"), data.get("version", PROFILE_VERSION))
+
+
+# ---------------------------------------------------------------- weights
+
+def role_of(name: str, module: torch.nn.Module) -> str:
+    if name.startswith("text_encoder"):
+        return "text_encoder"
+    if name.startswith(("transformer", "unet", "prior")):
+        return "denoiser"
+    if name.startswith("vae"):
+        return "vae"
+    return "other"
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bytes_by_dtype(module: torch.nn.Module) -> dict[str, int]:
+    counts: Counter = Counter()
+    for p in module.parameters():
+        counts[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+    return dict(counts)
+
+
+def fp8_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers `enable_layerwise_casting` would store in fp8, by diffusers' rules: supported layer types,
+    minus the default skip patterns, the class's `_skip_layerwise_casting_patterns` and `_keep_in_fp32_modules`."""
+    patterns = list(DEFAULT_SKIP_PATTERNS) + list(getattr(module, "_skip_layerwise_casting_patterns", None) or [])
+    patterns += list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    found: list[tuple[str, torch.nn.Module]] = []
+
+    def walk(mod: torch.nn.Module, prefix: str) -> None:
+        if prefix and any(re.search(p, prefix) for p in patterns):
+            return
+        if isinstance(mod, SUPPORTED_LAYERS):
+            found.append((prefix, mod))
+            return
+        for child_name, child in mod.named_children():
+            walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    walk(module, "")
+    return found
+
+
+def _fp8_saving(layers, prefix: str = "") -> int:
+    """Bytes saved by storing the floating weights of `layers` (under `prefix`) in fp8."""
+    saving = 0
+    for name, layer in layers:
+        if prefix and not (name == prefix or name.startswith(prefix + ".")):
+            continue
+        for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            if t.is_floating_point():
+                saving += t.numel() * (t.element_size() - FP8_ELEMENT_BYTES)
+    return saving
+
+
+def _units(module: torch.nn.Module, layers) -> tuple[tuple[Unit, ...], Unit, dict[str, int]]:
+    names = block_names(module)
+    blocks = []
+    for name in names:
+        sub = module.get_submodule(name)
+        blocks.append(Unit(name, _tensor_bytes([*sub.parameters(), *sub.buffers()]), _fp8_saving(layers, name)))
+    total = _tensor_bytes([*module.parameters(), *module.buffers()])
+    fp8_total = _fp8_saving(layers)
+    unmatched = Unit("unmatched", total - sum(b.n_bytes for b in blocks),
+                     fp8_total - sum(b.fp8_saving_bytes for b in blocks))
+    lists = {n: len(c) for n, c in module.named_children() if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential))}
+    return tuple(blocks), unmatched, lists
+
+
+def _leaves(module: torch.nn.Module) -> list[int]:
+    return [_tensor_bytes([*m.parameters(recurse=False), *m.buffers(recurse=False)])
+            for m in module.modules() if isinstance(m, SUPPORTED_LAYERS)]
+
+
+# ---------------------------------------------------------------- calls
+
+def calls_per_run(role: str, workload: Workload) -> int:
+    """Calls of a component in one pipeline call. Text encoders run for the prompt and, with CFG, for the
+    negative prompt; the denoiser runs steps x separate CFG passes; the VAE decodes once."""
+    cfg = workload.cfg_batch > 1 or workload.cfg_passes > 1
+    return {"text_encoder": 2 if cfg else 1, "denoiser": workload.num_inference_steps * workload.cfg_passes,
+            "vae": 1}.get(role, 0)
+
+
+def _trace(module, role, workload):
+    fn = call_builder(module, role, workload)
+    return trace_call(module, fn)
+
+
+def _trace_plain(module, role, workload):
+    """The call with the VAE's tiling/slicing off, whatever the user had set."""
+    flags = (getattr(module, "use_tiling", None), getattr(module, "use_slicing", None))
+    if role == "vae":
+        module.use_tiling, module.use_slicing = False, False
+    try:
+        return _trace(module, role, workload)
+    finally:
+        if role == "vae":
+            module.use_tiling, module.use_slicing = flags
+
+
+def _with_block_flops(blocks, unmatched, trace) -> tuple[tuple[Unit, ...], Unit]:
+    blocks = tuple(dataclasses.replace(b, flops=trace.block_flops.get(b.name, 0.0)) for b in blocks)
+    rest = trace.flops - sum(b.flops for b in blocks)
+    return blocks, dataclasses.replace(unmatched, flops=rest)
+
+
+def _vae_variants(module, workload) -> dict:
+    """Activation peaks of the decode with tiling and with slicing, when the VAE offers them (the VAE's own
+    flags are restored afterwards)."""
+    out = {"supports_tiling": hasattr(module, "enable_tiling"), "supports_slicing": hasattr(module, "enable_slicing")}
+    flags = (getattr(module, "use_tiling", False), getattr(module, "use_slicing", False))
+    try:
+        if out["supports_tiling"]:
+            module.use_tiling, module.use_slicing = True, False
+            trace = _trace(module, "vae", workload)
+            out.update(tiled_activation_peak_bytes=trace.peak_bytes, tiled_flops_per_call=trace.flops)
+        if out["supports_slicing"] and workload.batch_size > 1:  # slicing changes nothing for one image
+            module.use_tiling, module.use_slicing = False, True
+            out["sliced_activation_peak_bytes"] = _trace(module, "vae", workload).peak_bytes
+    finally:
+        module.use_tiling, module.use_slicing = flags
+    return out
+
+
+def profile_component(name: str, module: torch.nn.Module, workload: Workload) -> ComponentProfile:
+    role = role_of(name, module)
+    layers = fp8_layers(module)
+    blocks, unmatched, lists = _units(module, layers)
+    leaves = _leaves(module)
+    extra: dict = {}
+    try:
+        trace = _trace_plain(module, role, workload) if role != "other" else None
+    except NoInputsKnown as err:
+        logger.warning("%s: %s; its activations are not profiled (weights only)", name, err)
+        trace = None
+    if trace is not None:
+        blocks, unmatched = _with_block_flops(blocks, unmatched, trace)
+        if role == "vae":
+            extra = _vae_variants(module, workload)
+    fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
+    return ComponentProfile(
+        name=name, class_name=type(module).__name__, config_hash=config_hash(module), role=role,
+        param_bytes_by_dtype=_bytes_by_dtype(module), buffer_bytes=_tensor_bytes(module.buffers()),
+        fp8_saving_bytes=_fp8_saving(layers), block_lists=lists, blocks=blocks, unmatched=unmatched,
+        leaf_count=len(leaves), largest_leaf_bytes=max(leaves, default=0), largest_fp8_leaf_bytes=fp8_leaf,
+        calls_per_run=calls_per_run(role, workload),
+        activation_peak_bytes=trace.peak_bytes if trace else 0,
+        activation_peak_module=trace.peak_module if trace else "",
+        flops_per_call=trace.flops if trace else 0.0, activations_known=trace is not None,
+        supports_layerwise_casting=hasattr(module, "enable_layerwise_casting"), **extra,
+    )
+
+
+# ---------------------------------------------------------------- cache and entry point
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MEMPLAN_CACHE", Path.home() / ".cache" / "memplan")) / "profiles"
+
+
+def _cache_key(source: PipelineSource, workload: Workload, backend: str) -> str:
+    parts = {n: (config_hash(m), sorted(_bytes_by_dtype(m).items())) for n, m in source.components.items()}
+    blob = json.dumps([PROFILE_VERSION, backend, source.pipeline_class, parts, workload.to_dict()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+_MEMORY_CACHE: dict[str, Profile] = {}
+
+
+def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = True) -> Profile:
+    """Profile every nn.Module component of `source` for `workload` (cached by config hash + workload).
+
+    Components on `meta` are traced without weights; components on a real device are run for real (the
+    `device` backend), which is what a loaded pipeline gets."""
+    backend = _backend(source)
+    key = _cache_key(source, workload, backend)
+    cached = _MEMORY_CACHE.get(key) or (_read_cache(key) if use_cache else None)
+    if cached is not None and use_cache:
+        _MEMORY_CACHE[key] = cached
+        return cached
+    start = time.perf_counter()
+    comps = {n: profile_component(n, m, workload) for n, m in source.components.items()}
+    result = Profile(source.pipeline_class, source.name, workload, comps, backend)
+    logger.info("profiled %s (%s backend) in %.2fs", source.name, backend, time.perf_counter() - start)
+    _MEMORY_CACHE[key] = result
+    _write_cache(key, result)
+    return result
+
+
+def _backend(source: PipelineSource) -> str:
+    devices = {p.device.type for m in source.components.values() for p in m.parameters()}
+    return "meta" if devices == {"meta"} else "device"
+
+
+def _read_cache(key: str) -> Profile | None:
+    path = _cache_dir() / f"{key}.json"
+    try:
+        return Profile.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(key: str, result: Profile) -> None:
+    try:
+        _cache_dir().mkdir(parents=True, exist_ok=True)
+        (_cache_dir() / f"{key}.json").write_text(json.dumps(result.to_dict()))
+    except OSError as err:
+        logger.warning("profile cache not written: %s", err)

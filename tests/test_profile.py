@@ -1,0 +1,93 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from planner.profiler import fp8_layers, profile, profile_component
+from planner.sources import load_source, zoo_names
+from planner.workload import Workload
+
+W = Workload(height=64, width=64, num_inference_steps=2)
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 8)  # 4*8 + 8 = 40 params
+        self.norm = torch.nn.LayerNorm(8)  # 16 params
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(2, 4)  # 12 params, skipped by fp8 (^proj_in$)
+        self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])
+        self.register_buffer("scale", torch.ones(5))
+
+
+def test_hand_computed_bytes_blocks_and_fp8():
+    comp = profile_component("other_thing", Toy(), W)  # role "other": weights only
+    assert comp.param_bytes_by_dtype == {"float32": (12 + 3 * 56) * 4}
+    assert comp.buffer_bytes == 5 * 4
+    assert comp.total_bytes == (12 + 168 + 5) * 4
+    assert comp.block_lists == {"blocks": 3}
+    assert [b.n_bytes for b in comp.blocks] == [56 * 4] * 3
+    assert comp.unmatched.n_bytes == (12 + 5) * 4
+    # fp8 keeps norms and proj_in: only the 3 block Linears (40 params each) go from 4 to 1 byte
+    assert comp.fp8_saving_bytes == 3 * 40 * 3
+    assert [b.fp8_saving_bytes for b in comp.blocks] == [120] * 3
+    assert comp.leaf_count == 4 and comp.largest_leaf_bytes == 40 * 4
+
+
+def test_fp8_rules_follow_diffusers_on_flux():
+    flux = load_source("flux-dev").components["transformer"]
+    names = [n for n, _ in fp8_layers(flux)]
+    assert not any(re.search("norm", n) for n in names)  # AdaLN norm*.linear stay in bf16
+    assert any(n.endswith("attn.to_q") for n in names)
+
+
+def _reference_counts() -> dict[tuple[str, str], float]:
+    """Parameter counts (millions) from the reference table copied into planner/zoo/README.md."""
+    text = (Path(__file__).parents[1] / "planner" / "zoo" / "README.md").read_text()
+    counts, pipeline = {}, None
+    for row in re.findall(r"^\|(.+)\|$", text, flags=re.M):
+        cells = [c.strip() for c in row.split("|")]
+        if len(cells) < 4 or not cells[3].endswith(" M"):
+            continue
+        pipeline = cells[0].split(" ")[0] or pipeline
+        counts[(pipeline, cells[1])] = float(cells[3][:-2].replace(",", ""))
+    return counts
+
+
+def test_zoo_parameter_counts_match_reference():
+    counts = _reference_counts()
+    assert len(counts) >= 12
+    for (pipeline, component), millions in counts.items():
+        module = load_source(pipeline).components[component]
+        numel = sum(p.numel() for p in module.parameters())
+        assert abs(numel / 1e6 - millions) / millions < 1e-3, (pipeline, component)
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_zoo_param_bytes_are_exact(name):
+    source = load_source(name)
+    for comp_name, module in source.components.items():
+        comp = profile_component(comp_name, module, W) if comp_name == "vae" else None
+        expected = sum(p.numel() * p.element_size() for p in module.parameters())
+        if comp is not None:
+            assert comp.param_bytes == expected
+
+
+def test_profile_is_cached_and_serializable(tmp_path):
+    source = load_source("sd15")
+    first = profile(source, W)
+    again = profile(source, W)
+    assert again is first
+    from planner.profiler import Profile
+
+    assert Profile.from_dict(json.loads(json.dumps(first.to_dict()))) == first
