@@ -49,14 +49,35 @@ def load_source(model: str | Path, dtype: str | None = None) -> PipelineSource:
     )
 
 
-def from_pipeline(pipe) -> PipelineSource:
-    """The nn.Module components of a loaded diffusers pipeline (not copied: the profile reads them)."""
+def from_pipeline(pipe, meta: bool = True) -> PipelineSource:
+    """The nn.Module components of a loaded diffusers pipeline.
+
+    With `meta=True` (the default) each component is replaced by a weightless twin on the meta device (same
+    class, config and per-tensor dtypes), so profiling a full-size pipeline loaded on the CPU costs seconds,
+    not a real forward pass. `meta=False` profiles the real modules on their device (the device backend)."""
     if not hasattr(pipe, "components"):
         raise ValueError(f"{type(pipe).__name__} is not a diffusers pipeline: it has no `components`")
     modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
     if not modules:
         raise ValueError(f"{type(pipe).__name__} has no nn.Module components to plan for")
+    if meta:
+        modules = {k: meta_twin(v) for k, v in modules.items()}
     return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__)
+
+
+def meta_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` on the meta device: rebuilt from its config, each tensor in the original's dtype."""
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ValueError(f"{type(module).__name__} has no config to rebuild it from; profile it with meta=False")
+    library = "transformers" if type(module).__module__.startswith("transformers") else "diffusers"
+    with torch.device("meta"):
+        twin = type(module).from_config(config) if library == "diffusers" else type(module)(config)
+    originals = dict([*module.named_parameters(), *module.named_buffers()])
+    for name, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
+        if name in originals:
+            tensor.data = tensor.data.to(originals[name].dtype)
+    return twin.eval()
 
 
 def _load_folder(path: Path, dtype: str | None, name: str = "") -> PipelineSource:
