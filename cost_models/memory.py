@@ -43,8 +43,12 @@ def _largest_group_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
 
 
 def _fp8_scaled(n_bytes: int, comp: ComponentProfile, plan: ComponentPlan) -> int:
-    # The largest leaf is usually fp8-eligible; scale it by the component's stored/total ratio otherwise.
-    return n_bytes if not plan.fp8 else int(n_bytes * stored_bytes(comp, plan) / max(comp.total_bytes, 1))
+    # A largest fp8 leaf smaller than the largest leaf means the largest leaf is skipped by layerwise casting
+    # (e.g. proj_out) and keeps its size. Otherwise the largest leaf is fp8-eligible; its stored size is
+    # approximated by the component's stored/total ratio (exact when every weight is eligible).
+    if not plan.fp8 or comp.largest_fp8_leaf_bytes < comp.largest_leaf_bytes:
+        return n_bytes
+    return int(n_bytes * stored_bytes(comp, plan) / max(comp.total_bytes, 1))
 
 
 def groups_in_flight(plan: ComponentPlan) -> int:
@@ -77,12 +81,13 @@ def in_call_weight_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
 def activation_bytes(comp: ComponentProfile, choice: Choice) -> int:
     if comp.role == "vae":
         candidates = [comp.activation_peak_bytes]
+        # With a flag on, diffusers runs that path (tiled_decode / per-sample decode): its traced peak replaces
+        # the plain one, even where it is larger. Both on: each slice is tiled, bounded by the smaller of the two.
         if choice.vae_tiling and comp.tiled_activation_peak_bytes is not None:
             candidates.append(comp.tiled_activation_peak_bytes)
         if choice.vae_slicing and comp.sliced_activation_peak_bytes is not None:
             candidates.append(comp.sliced_activation_peak_bytes)
-        # diffusers tiles each slice when both are on: bounded by the smaller of the two
-        return min(candidates)
+        return min(candidates[1:] or candidates)
     return comp.activation_peak_bytes
 
 

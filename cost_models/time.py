@@ -2,7 +2,7 @@
 
 compute(call)  = FLOPs / (peak bf16 FLOP/s * efficiency)            (or a measured time, when calibrated)
 transfer(x)    = bytes(x) / bandwidth(pinned | pageable | disk)
-no streams:      T_call = compute + sum_g (h2d(g) + d2h(g)) + n_groups * sync
+no streams:      T_call = compute + sum_g (h2d(g) + d2h(g)) + n_groups * sync   (disk: h2d += read, d2h = 0)
 streams:         T_call = h2d(g_0) + sum_g max(compute(g), h2d(g+1)) + n_groups * sync
 model offload:   T_run  = calls * compute + h2d(component) + d2h(component)   (once per pipeline call)
 """
@@ -14,9 +14,10 @@ from cost_models.memory import PHASES, block_groups, stored_bytes, unit_bytes
 from planner.profiler import ComponentProfile
 from planner.strategy import BLOCK_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice, ComponentPlan
 
-# Bytes of memory traffic per byte saved by fp8 storage on each call: read the fp8 copy (1) and write the
-# upcast copy (2), per element of an eligible bf16 layer — 3 bytes per saved byte.
-FP8_CAST_TRAFFIC_PER_SAVED_BYTE = 3.0
+# Bytes of memory traffic per byte saved by fp8 storage on each call, per element of an eligible bf16 layer
+# (1 byte saved): the pre-forward upcast reads fp8 (1) and writes bf16 (2), the post-forward downcast back to
+# the storage dtype reads bf16 (2) and writes fp8 (1) — 6 bytes per saved byte.
+FP8_CAST_TRAFFIC_PER_SAVED_BYTE = 6.0
 # accelerate's sequential offload runs an AlignDevicesHook per module with weights: more Python per move
 # than a diffusers group hook.
 SEQUENTIAL_HOOK_SYNCS = 3
@@ -33,6 +34,12 @@ def _h2d_s(n_bytes: float, plan: ComponentPlan, hw: HardwareSpec) -> float:
     rate = hw.h2d_pinned_bytes_per_s if pinned else hw.h2d_pageable_bytes_per_s
     disk = n_bytes / hw.disk_read_bytes_per_s if plan.offload_to_disk else 0.0
     return n_bytes / rate + disk
+
+
+def _d2h_s(n_bytes: float, plan: ComponentPlan, hw: HardwareSpec) -> float:
+    """Offloading without streams copies back to the CPU; a disk-offloaded group was written once at setup
+    and is only dropped (replaced by an empty CPU tensor): no copy."""
+    return 0.0 if plan.offload_to_disk else n_bytes / hw.d2h_bytes_per_s
 
 
 def _call_flops(comp: ComponentProfile, choice: Choice) -> float:
@@ -54,7 +61,7 @@ def _group_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec,
     sync = comp.leaf_count * hw.sync_s
     if plan.use_stream:
         return max(compute_s(flops, hw), _h2d_s(stored, plan, hw)) + sync
-    return compute_s(flops, hw) + _h2d_s(stored, plan, hw) + stored / hw.d2h_bytes_per_s + sync
+    return compute_s(flops, hw) + _h2d_s(stored, plan, hw) + _d2h_s(stored, plan, hw) + sync
 
 
 def _block_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec, flops: float) -> float:
@@ -63,8 +70,10 @@ def _block_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec,
     scale = flops / comp.flops_per_call if comp.flops_per_call else 1.0
     compute = [compute_s(scale * sum(u.flops for u in g), hw) for g in groups]
     rest_bytes = stored_bytes(comp, plan) - sum(sizes)
-    # the unmatched group is synchronous (no stream) and moves on every call; its compute runs outside blocks
-    head = _h2d_s(rest_bytes, ComponentPlan(), hw) + rest_bytes / hw.d2h_bytes_per_s
+    # the unmatched group is synchronous (no stream, pageable) and moves on every call — from disk too with
+    # offload_to_disk; its compute runs outside blocks
+    rest_plan = ComponentPlan(offload_to_disk=plan.offload_to_disk)
+    head = _h2d_s(rest_bytes, rest_plan, hw) + _d2h_s(rest_bytes, rest_plan, hw)
     head += compute_s(flops, hw) - sum(compute)
     sync = len(groups) * hw.sync_s
     if plan.use_stream:  # T = h2d(g0) + sum_g max(compute(g), h2d(g+1)); offload is a pointer swap
@@ -72,7 +81,7 @@ def _block_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec,
         ahead = transfers[1:] + [0.0]
         first = transfers[0] if transfers else 0.0
         return head + first + sum(max(c, t) for c, t in zip(compute, ahead)) + sync
-    moves = sum(_h2d_s(s, plan, hw) + s / hw.d2h_bytes_per_s for s in sizes)  # .to(device), then .to(cpu)
+    moves = sum(_h2d_s(s, plan, hw) + _d2h_s(s, plan, hw) for s in sizes)  # .to(device), then .to(cpu)
     return head + sum(compute) + moves + sync
 
 
