@@ -64,7 +64,53 @@ def build_parser() -> argparse.ArgumentParser:
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_parser("zoo", help="list the built-in pipelines", epilog="example:\n  memplan zoo",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    _bench_args(sub)
     return parser
+
+
+EPILOG_BENCH = """examples:
+  memplan bench smoke -o rows.jsonl              # built-in sets: smoke, tiny-references, dry-run, gpu
+  memplan bench my-scenarios.json -o results/rows.jsonl --time-limit 400
+"""
+EPILOG_REPORT = """examples:
+  memplan report rows.jsonl -o report.html
+  memplan report rows.jsonl -o report.md --md    # PNGs are written beside the markdown
+  memplan report plans/flux-dev-8GB.json -o plan.html
+"""
+
+
+def _bench_args(sub) -> None:
+    b = sub.add_parser("bench", help="run benchmark scenarios: predicted beside measured, one row each",
+                       epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("scenarios", help="a built-in set name or a scenarios JSON file")
+    b.add_argument("-o", "--output", default="rows.jsonl", help="rows JSONL (a CSV is written beside it)")
+    b.add_argument("--time-limit", type=float, help="seconds after which no new scenario starts")
+    r = sub.add_parser("report", help="render benchmark rows or a plan file as HTML (or markdown)",
+                       epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("rows", help="rows JSONL from `memplan bench`, or a plan JSON from `memplan plan -o`")
+    r.add_argument("-o", "--output", default="report.html")
+    r.add_argument("--md", action="store_true", help="write markdown (PNGs beside it) instead of HTML")
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.runner import run_scenarios
+    from benchmarks.scenarios import resolve
+
+    def show(row: dict) -> None:
+        pred, meas = row.get("pred_total_s"), row.get("meas_total_s")
+        times = f"pred {pred:.4g}s meas {meas:.4g}s" if pred is not None and meas is not None else ""
+        print(f"{row['scenario']:32s} {row['status']:12s} {times} {row.get('message', '')[:100]}")
+
+    rows = run_scenarios(resolve(args.scenarios), args.output, time_limit_s=args.time_limit, progress=show)
+    print(f"\nwrote {len(rows)} rows to {args.output}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from benchmarks.report import write_report
+
+    print(f"wrote {write_report(args.rows, args.output, markdown=args.md)}")
+    return 0
 
 
 def _workload(args) -> dict:
@@ -143,7 +189,8 @@ def cmd_zoo(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "estimate": cmd_estimate, "show": cmd_show, "gpus": cmd_gpus, "zoo": cmd_zoo}
+COMMANDS = {"plan": cmd_plan, "estimate": cmd_estimate, "show": cmd_show, "gpus": cmd_gpus, "zoo": cmd_zoo,
+            "bench": cmd_bench, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

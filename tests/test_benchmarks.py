@@ -1,0 +1,151 @@
+"""Benchmarks on CPU: a smoke sweep with tiny pipelines, failures as rows, the GPU check's dry run, reports."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+from benchmarks.report import load_rows, write_report
+from benchmarks.runner import _phase_times, read_rows, reference_choice, run_scenario, run_scenarios
+from benchmarks.scenarios import (BARE, REFERENCE_PLANS, Scenario, load_scenarios, resolve, save_scenarios, smoke)
+from conftest import TINY_WORKLOAD, build_tiny
+from planner.cli import main as cli_main
+from planner.optimizer import plan_for
+from planner.profiler import profile
+from planner.sources import from_pipeline
+from planner.strategy import BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, RESIDENT
+from planner.workload import default_workload
+
+PNG = "data:image/png;base64,"
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    """One optimized plan (tiny Flux under a binding budget) and one reference (tiny SDXL all resident)."""
+    folder = tmp_path_factory.mktemp("smoke")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMPLAN_CACHE", str(folder / "cache"))
+        scenarios = [s for s in smoke() if s.name in ("tiny-flux-opt-400kB", "tiny-sdxl-resident")]
+        rows = run_scenarios(scenarios, folder / "rows.jsonl")
+    return folder, rows
+
+
+def test_smoke_rows_hold_predicted_and_measured(smoke_rows):
+    folder, rows = smoke_rows
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["message"] for r in rows]
+    assert read_rows(folder / "rows.jsonl") == json.loads(json.dumps(rows, default=str))
+    assert (folder / "rows.csv").is_file()
+    opt, ref = rows
+    assert opt["plan_kind"] == "optimize" and opt["alternatives"]
+    assert opt["budget_met_pred"] and opt["pred_card_peak_bytes"] <= 400_000
+    assert ref["plan_desc"].count("resident") == 4 and not ref["budget_met_pred"]
+    for r in rows:
+        assert r["meas_allocated_peak_bytes"] is None and r["meas_card_peak_bytes"] is None  # CPU: no VRAM
+        assert r["meas_total_s"] > 0 and r["err_time_pct"] is not None
+        assert {e[1] for e in r["meas_timeline"]} == {"encode", "denoise", "decode"}
+        assert r["steps_measured"] == 2 and r["steps_full"] == 4
+        assert set(r["meas_phase_s"]) == {"encode", "denoise", "decode"}
+
+
+def test_failures_become_rows(tmp_path):
+    rows = {s.name: run_scenario(s) for s in (
+        Scenario("no-plan-file", "tiny-sdxl", plan=str(tmp_path / "missing.json")),
+        Scenario("needs-cuda", "tiny-flux", plan="model_offload"),
+        Scenario("too-small", "tiny-sdxl", budget=1000, gpu_overrides=BARE, n_trials=10, workload=TINY_WORKLOAD),
+        Scenario("unknown-pipeline", "no-such-model"),
+    )}
+    assert rows["no-plan-file"]["status"] == "plan_error"
+    assert rows["needs-cuda"]["status"] == "skipped" and "CUDA" in rows["needs-cuda"]["message"]
+    assert rows["too-small"]["status"] == "budget_error" and "smallest achievable" in rows["too-small"]["message"]
+    assert rows["unknown-pipeline"]["status"] == "error" and "no-such-model" in rows["unknown-pipeline"]["message"]
+
+
+def test_scenarios_json_and_builtins(tmp_path):
+    path = tmp_path / "s.json"
+    save_scenarios(smoke(), path)
+    assert load_scenarios(path) == smoke()
+    path.write_text(json.dumps({"defaults": {"device": "cpu"}, "scenarios": [{"name": "a", "pipeline": "tiny-flux"}]}))
+    assert resolve(str(path))[0].device == "cpu"
+    with pytest.raises(ValueError, match="unknown keys"):
+        Scenario.from_dict({"name": "a", "pipeline": "tiny-flux", "budjet": "8GB"})
+    with pytest.raises(ValueError, match="not 'optimize'"):
+        Scenario("a", "tiny-flux", plan="fastest")
+    with pytest.raises(ValueError, match="built-in set"):
+        resolve("no-such-set")
+    gpu = resolve("gpu")
+    assert {s.device for s in gpu} == {"cuda"} and {s.plan for s in gpu} >= set(REFERENCE_PLANS)
+
+
+def test_reference_choices_fall_back_and_clamp():
+    source = from_pipeline(build_tiny("flux"))
+    prof = profile(source, default_workload("FluxPipeline", **TINY_WORKLOAD))
+    block4 = reference_choice("group_block_4", prof).components
+    assert block4["transformer"].offload_type == BLOCK_LEVEL
+    assert block4["transformer"].num_blocks_per_group == prof.components["transformer"].max_blocks == 2
+    assert block4["text_encoder"].offload_type == LEAF_LEVEL  # no top-level block list
+    assert {p.strategy for p in reference_choice("all_resident", prof).components.values()} == {RESIDENT}
+    assert reference_choice("group_leaf_stream", prof).components["vae"].strategy == GROUP_OFFLOAD
+
+
+def test_denoise_is_scaled_from_the_measured_steps():
+    # 2 measured steps of a 10-step call: the first (1.0 s, one-off onloads) counts once, the later mean 9 times.
+    events = [["text_encoder", "encode", 0.0, 0.2, None], ["transformer", "denoise", 0.2, 1.2, None],
+              ["transformer", "denoise", 1.2, 1.7, None], ["vae", "decode", 1.7, 2.0, None]]
+    out = _phase_times(events, steps=2, full_steps=10)
+    assert out["meas_phase_s"]["denoise"] == pytest.approx(1.0 + 9 * 0.5)
+    assert out["meas_step_s"] == pytest.approx(0.5)
+    assert out["meas_total_s"] == pytest.approx(0.2 + 5.5 + 0.3)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    for name in ("rows.jsonl", "rows.csv", "report.html", "env.json", "log.txt"):
+        assert (tmp_path / name).is_file(), name
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["dry_run"] and env["calibration"].startswith("skipped") and env["torch"] == torch.__version__
+    rows = read_rows(tmp_path / "rows.jsonl")
+    assert len(rows) >= 10
+    assert all(r["status"] == "ok" for r in rows), [(r["scenario"], r["message"]) for r in rows if r["status"] != "ok"]
+    assert any(r["pipeline"].endswith("tiny-flux-bf16") for r in rows)  # the full-size build path, on a folder
+
+
+def test_report_renders_tables_and_figures(smoke_rows, tmp_path):
+    folder, _ = smoke_rows
+    out = write_report(folder / "rows.jsonl", tmp_path / "report.html")
+    text = out.read_text()
+    assert "<table" in text and "Summary" in text and "budget met" in text and "err time %" in text
+    assert text.count(PNG) >= 2
+    md = write_report(folder / "rows.jsonl", tmp_path / "report.md", markdown=True)
+    assert "| scenario |" in md.read_text() and len(list(tmp_path.glob("report-*.png"))) >= 2
+
+
+def test_report_of_a_plan_alone(tmp_path, bare_gpu):
+    plan = plan_for(build_tiny("sdxl"), "1MB", gpu=bare_gpu, device="cpu", n_trials=30, **TINY_WORKLOAD)
+    plan.save(tmp_path / "plan.json")
+    assert load_rows(tmp_path / "plan.json")[0]["status"] == "planned"
+    assert cli_main(["report", str(tmp_path / "plan.json"), "-o", str(tmp_path / "plan.html")]) == 0
+    text = (tmp_path / "plan.html").read_text()
+    assert "Alternatives" in text and "Pareto" in text and text.count(PNG) >= 1
+
+
+def test_cli_bench_then_report(tmp_path, capsys):
+    scenarios = tmp_path / "s.json"
+    scenarios.write_text(json.dumps([{"name": "sdxl-block1", "pipeline": "tiny-sdxl", "plan": "group_block_1",
+                                      "budget": "1MB", "workload": TINY_WORKLOAD, "measured_steps": 1}]))
+    assert cli_main(["bench", str(scenarios), "-o", str(tmp_path / "rows.jsonl")]) == 0
+    assert read_rows(tmp_path / "rows.jsonl")[0]["status"] == "ok"
+    assert cli_main(["report", str(tmp_path / "rows.jsonl"), "-o", str(tmp_path / "r.md"), "--md"]) == 0
+    assert (tmp_path / "r.md").is_file()
+    assert cli_main(["bench", "no-such-set"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_smoke_measures_vram(tmp_path):
+    scenarios = [Scenario(f"cuda-{ref}", "tiny-flux", budget="1GB", plan=ref, device="cuda",
+                          workload={**TINY_WORKLOAD, "max_sequence_length": 16}, gpu_overrides=BARE)
+                 for ref in ("all_resident", "model_offload", "group_leaf_stream")]
+    rows = run_scenarios(scenarios, tmp_path / "rows.jsonl")
+    assert [r["status"] for r in rows] == ["ok"] * 3, [r["message"] for r in rows]
+    assert all(r["meas_allocated_peak_bytes"] > 0 and r["err_peak_pct"] is not None for r in rows)
