@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ import torch
 
 from planner.inputs import NoInputsKnown, call_builder
 from planner.sources import PipelineSource, config_hash
-from planner.tracing import block_names, trace_call
+from planner.tracing import CallTrace, block_names, trace_call
 from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -205,40 +206,63 @@ def _trace(module, role, workload):
     return trace_call(module, fn)
 
 
-def _trace_plain(module, role, workload):
-    """The call with the VAE's tiling/slicing off, whatever the user had set."""
-    flags = (getattr(module, "use_tiling", None), getattr(module, "use_slicing", None))
-    if role == "vae":
-        module.use_tiling, module.use_slicing = False, False
-    try:
-        return _trace(module, role, workload)
-    finally:
-        if role == "vae":
-            module.use_tiling, module.use_slicing = flags
-
-
 def _with_block_flops(blocks, unmatched, trace) -> tuple[tuple[Unit, ...], Unit]:
     blocks = tuple(dataclasses.replace(b, flops=trace.block_flops.get(b.name, 0.0)) for b in blocks)
     rest = trace.flops - sum(b.flops for b in blocks)
     return blocks, dataclasses.replace(unmatched, flops=rest)
 
 
-def _vae_variants(module, workload) -> dict:
-    """Activation peaks of the decode with tiling and with slicing, when the VAE offers them (the VAE's own
-    flags are restored afterwards)."""
-    out = {"supports_tiling": hasattr(module, "enable_tiling"), "supports_slicing": hasattr(module, "enable_slicing")}
+@contextlib.contextmanager
+def _vae_flags(module, tiling: bool, slicing: bool):
+    """The VAE's use_tiling / use_slicing set for one trace, and restored after it."""
     flags = (getattr(module, "use_tiling", False), getattr(module, "use_slicing", False))
+    module.use_tiling, module.use_slicing = tiling, slicing
     try:
-        if out["supports_tiling"]:
-            module.use_tiling, module.use_slicing = True, False
-            trace = _trace(module, "vae", workload)
-            out.update(tiled_activation_peak_bytes=trace.peak_bytes, tiled_flops_per_call=trace.flops)
-        if out["supports_slicing"] and workload.batch_size > 1:  # slicing changes nothing for one image
-            module.use_tiling, module.use_slicing = False, True
-            out["sliced_activation_peak_bytes"] = _trace(module, "vae", workload).peak_bytes
+        yield
     finally:
         module.use_tiling, module.use_slicing = flags
-    return out
+
+
+@contextlib.contextmanager
+def _tiled_paths_watched(module):
+    """Yields a list that gets an entry whenever one of the VAE's tiled code paths runs: diffusers names them
+    `tiled_decode`, `_temporal_tiled_decode`, ... and `_decode` calls them only when the latents exceed a tile."""
+    used: list[str] = []
+    names = [n for n in dir(type(module)) if "tiled" in n and callable(getattr(type(module), n, None))]
+    for name in names:
+        method = getattr(module, name)
+
+        def watched(*args, _method=method, _name=name, **kwargs):
+            used.append(_name)
+            return _method(*args, **kwargs)
+
+        object.__setattr__(module, name, watched)  # an instance attribute shadows the method
+    try:
+        yield used
+    finally:
+        for name in names:
+            module.__dict__.pop(name, None)
+
+
+def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
+    """The plain decode, and its activation peaks with tiling and with slicing when the VAE offers them.
+
+    Tiling is traced first: when no tiled code path runs (the latents fit in one tile), that trace *is* the plain
+    decode, so it is not traced twice. Slicing changes nothing for one image and is traced only for batches."""
+    extra = {"supports_tiling": hasattr(module, "enable_tiling"), "supports_slicing": hasattr(module, "enable_slicing")}
+    plain = None
+    if extra["supports_tiling"]:
+        with _vae_flags(module, tiling=True, slicing=False), _tiled_paths_watched(module) as used:
+            tiled = _trace(module, "vae", workload)
+        extra.update(tiled_activation_peak_bytes=tiled.peak_bytes, tiled_flops_per_call=tiled.flops)
+        plain = None if used else tiled
+    if plain is None:
+        with _vae_flags(module, tiling=False, slicing=False):
+            plain = _trace(module, "vae", workload)
+    if extra["supports_slicing"] and workload.batch_size > 1:
+        with _vae_flags(module, tiling=False, slicing=True):
+            extra["sliced_activation_peak_bytes"] = _trace(module, "vae", workload).peak_bytes
+    return plain, extra
 
 
 def profile_component(name: str, module: torch.nn.Module, workload: Workload) -> ComponentProfile:
@@ -248,14 +272,15 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
     leaves = _leaves(module)
     extra: dict = {}
     try:
-        trace = _trace_plain(module, role, workload) if role != "other" else None
+        if role == "vae":
+            trace, extra = _vae_traces(module, workload)
+        else:
+            trace = _trace(module, role, workload) if role != "other" else None
     except NoInputsKnown as err:
         logger.warning("%s: %s; its activations are not profiled (weights only)", name, err)
-        trace = None
+        trace, extra = None, {}
     if trace is not None:
         blocks, unmatched = _with_block_flops(blocks, unmatched, trace)
-        if role == "vae":
-            extra = _vae_variants(module, workload)
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
     return ComponentProfile(
         name=name, class_name=type(module).__name__, config_hash=config_hash(module), role=role,

@@ -38,6 +38,98 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of an op's result (a tensor, or a tuple/list holding tensors and non-tensors)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return []
+
+
+# ---------------------------------------------------------------- meta shape memo
+# On meta an op's result depends only on its inputs' metadata, yet many meta kernels are Python decompositions
+# (torch._refs / _prims) costing ~0.1-1 ms a call; a VAE decoded per frame and per tile repeats the same few
+# hundred signatures thousands of times. So the first call of each (op, input metadata, other args) runs the
+# kernel and records its fresh outputs (shape, stride, dtype) and FLOPs; later calls make empty meta tensors
+# of that layout. An op whose output shares storage with an input (views, in-place, out=) or that returns
+# anything else is never memoized: it always runs, so aliasing and storage lifetimes stay exact.
+
+class _NotMeta(Exception):
+    pass
+
+
+_TENSOR = object()  # marks a tensor's metadata inside a signature
+_UNMEMOIZABLE = object()
+_META_MEMO: dict = {}
+
+
+_SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
+
+
+def _sig(x):
+    if isinstance(x, torch.Tensor):
+        if not x.is_meta:
+            raise _NotMeta
+        return (_TENSOR, x.dtype, x.shape, x.stride(), x.storage_offset())
+    if isinstance(x, (tuple, list)):
+        types = tuple(map(type, x))
+        if _SCALARS.issuperset(types):  # sizes, paddings: keyed flat, with each element's type
+            return (type(x), types, tuple(x))
+        return (type(x), *map(_sig, x))
+    return (type(x), x)  # type too: add(t, 1) and add(t, 1.0) differ in dtype
+
+
+def _signature(func, args, kwargs):
+    """A hashable key of the call, or None when an input is on a real device or an argument is unhashable."""
+    try:
+        key = (func, _sig(args), _sig(tuple(kwargs.items())) if kwargs else ())
+        hash(key)
+        return key
+    except (_NotMeta, TypeError):
+        return None
+
+
+def _fresh_storage_bytes(t: torch.Tensor) -> int:
+    """The storage `torch.empty_strided(t.shape, t.stride())` would get."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _memo_entry(out, args, kwargs, flops: float):
+    """(container, [(shape, stride, dtype)], flops) if `out` is fresh meta tensors only, else _UNMEMOIZABLE."""
+    outs = _tensors(out)
+    if not isinstance(out, torch.Tensor) and len(outs) != len(out):
+        return _UNMEMOIZABLE  # None / ints among the outputs
+    inputs = {_storage_key(t) for t in _input_tensors([*args, *kwargs.values()])}
+    keys = [_storage_key(t) for t in outs]
+    if len(set(keys)) != len(keys) or inputs.intersection(keys):
+        return _UNMEMOIZABLE
+    for t in outs:
+        if not t.is_meta or t.storage_offset() or t.untyped_storage().nbytes() != _fresh_storage_bytes(t):
+            return _UNMEMOIZABLE
+    kind = "tensor" if isinstance(out, torch.Tensor) else type(out)
+    return kind, [(t.shape, t.stride(), t.dtype) for t in outs], flops
+
+
+def _input_tensors(args) -> list[torch.Tensor]:
+    """The tensors among the arguments, including those inside list arguments (cat, stack, index)."""
+    found = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            found.extend(_input_tensors(a))
+    return found
+
+
+def _from_memo(entry):
+    kind, layouts, _ = entry
+    outs = [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in layouts]
+    return outs[0] if kind == "tensor" else kind(outs)
+
+
 class _LiveBytesMode(TorchDispatchMode):
     """Counts bytes of storages created inside the mode; a storage's bytes are released when it is freed."""
 
@@ -47,14 +139,23 @@ class _LiveBytesMode(TorchDispatchMode):
         self.where = where
         self.live_bytes = 0
         self.trace = CallTrace()
+        self._refs: dict[int, weakref.ref] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self._count_flops(func, out, args, kwargs)
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._track(tensor)
+        key = _signature(func, args, kwargs)
+        entry = _META_MEMO.get(key) if key is not None else None
+        if entry is None or entry is _UNMEMOIZABLE:
+            out = func(*args, **kwargs)
+            flops = self._flops(func, out, args, kwargs)
+            if key is not None and entry is None:
+                _META_MEMO[key] = _memo_entry(out, args, kwargs, flops)
+        else:
+            out, flops = _from_memo(entry), entry[2]
+        if flops:
+            self.add_flops(flops)
+        for tensor in _tensors(out):
+            self._track(tensor)
         return out
 
     def _track(self, tensor: torch.Tensor) -> None:
@@ -65,19 +166,21 @@ class _LiveBytesMode(TorchDispatchMode):
         self.known.add(key)
         n_bytes = storage.nbytes()
         self.live_bytes += n_bytes
-        weakref.finalize(storage, self._release, key, n_bytes)
+        # a plain weakref (kept alive here) is ~10x cheaper than weakref.finalize; its callback is the release
+        self._refs[key] = weakref.ref(storage, lambda _, k=key, n=n_bytes: self._release(k, n))
         if self.live_bytes > self.trace.peak_bytes:
             self.trace.peak_bytes = self.live_bytes
             self.trace.peak_module = self.where()
 
     def _release(self, key: int, n_bytes: int) -> None:
         self.known.discard(key)
+        self._refs.pop(key, None)
         self.live_bytes -= n_bytes
 
-    def _count_flops(self, func, out, args, kwargs) -> None:
+    @staticmethod
+    def _flops(func, out, args, kwargs) -> float:
         formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.add_flops(float(formula(*args, **kwargs, out_val=out)))
+        return float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
 
     def add_flops(self, flops: float) -> None:
         self.trace.flops += flops
