@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from optuna.distributions import CategoricalDistribution, IntDistribution
+
 from planner.profiler import ComponentProfile, Profile
 from planner.strategy import (BLOCK_LEVEL, FP8_DTYPES, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT,
                               SEQUENTIAL_OFFLOAD, Choice, ComponentPlan)
@@ -88,16 +90,30 @@ def suggest_choice(ask: Asker, profile: Profile, space: SearchSpace) -> Choice:
 
 def choice_params(choice: Choice, profile: Profile, space: SearchSpace) -> dict:
     """The Optuna params that make `suggest_choice` return `choice` (for enqueue_trial)."""
+    return choice_trial_params(choice, profile, space)[0]
+
+
+def choice_trial_params(choice: Choice, profile: Profile, space: SearchSpace) -> tuple[dict, dict]:
+    """The Optuna params and their distributions for `choice` (for `optuna.trial.create_trial`).
+
+    Raises ValueError when `choice` is not in `space` for this profile (a knob the space does not offer, a
+    value outside its choices), so a trial is never stored under params that would replay to another plan."""
     recorder = _Replay(choice)
-    suggest_choice(recorder, profile, space)
-    return recorder.params
+    try:
+        replayed = suggest_choice(recorder, profile, space)
+    except (KeyError, AttributeError) as err:
+        raise ValueError(f"choice does not match the pipeline's components: {err}") from err
+    if replayed != choice:
+        raise ValueError("choice is outside the search space (a knob it sets is not searched, e.g. streams with "
+                         "cuda=False or fp8 with allow_lossy=False): plan it with the space it was made in")
+    return recorder.params, recorder.distributions
 
 
 class _Replay:
-    """An Asker that answers from a known Choice, recording the answers as Optuna params."""
+    """An Asker that answers from a known Choice, recording the answers as Optuna params and distributions."""
 
     def __init__(self, choice: Choice):
-        self.choice, self.params = choice, {}
+        self.choice, self.params, self.distributions = choice, {}, {}
 
     def _answer(self, name: str):
         if name == "pipeline":
@@ -110,12 +126,22 @@ class _Replay:
         value = getattr(self.choice.components[comp], knob)
         return NO_FP8 if knob == "storage_dtype" and value is None else value
 
+    def _record(self, name: str, value, distribution):
+        self.params[name], self.distributions[name] = value, distribution
+        return value
+
     def suggest_categorical(self, name, choices):
-        self.params[name] = self._answer(name)
-        return self.params[name]
+        choices = tuple(choices)
+        value = self._answer(name)
+        if value not in choices:
+            raise ValueError(f"choice is outside the search space: {name}={value!r} is not one of {choices}")
+        return self._record(name, value, CategoricalDistribution(choices))
 
     def suggest_int(self, name, low, high):
-        return self.suggest_categorical(name, None)
+        value = self._answer(name)
+        if not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"choice is outside the search space: {name}={value!r} is not in [{low}, {high}]")
+        return self._record(name, value, IntDistribution(low, high))
 
 
 class _Enumerator:
@@ -158,3 +184,13 @@ def enumerate_component(name: str, comp: ComponentProfile, mode: str, space: Sea
         plans.append(suggest_component(walker, name, comp, mode, space))
         if not walker.advance():
             return plans
+
+
+def enumerate_vae(profile: Profile, space: SearchSpace) -> list[tuple[bool, bool]]:
+    """Every (tiling, slicing) pair `suggest_vae` can return for this pipeline."""
+    walker, flags = _Enumerator(), []
+    while True:
+        walker.depth = 0
+        flags.append(suggest_vae(walker, profile, space))
+        if not walker.advance():
+            return flags
