@@ -202,9 +202,7 @@ def _scorer(hw: HardwareSpec, budgets: Budgets):
     def score(terms: list[_Terms]) -> tuple:
         card = card_bytes(sum(t.resident for t in terms) + max((t.excess for t in terms), default=0), hw)
         host = sum(t.held for t in terms) + max((t.extra for t in terms), default=0)
-        excess = (max(0, card - budgets.vram_bytes) / max(budgets.vram_bytes, 1)
-                  + max(0, host - budgets.ram_bytes) / max(budgets.ram_bytes, 1))
-        return excess, sum(t.seconds for t in terms), card
+        return _excess(card, host, budgets), sum(t.seconds for t in terms), card
     return score
 
 
@@ -267,10 +265,9 @@ def _polish_study(study: optuna.Study, profile: Profile, hw: HardwareSpec, budge
     """Polish the best trial of each pipeline mode and store every new result as a trial; returns how many."""
     cands = _candidates(study)
     known = {_choice_key(c.choice) for c in cands}
-    rank = lambda c: (_violation(c.estimate, budgets), c.estimate.total_s, c.estimate.card_peak_bytes)  # noqa: E731
     starts: dict[str, Candidate] = {}
     for c in cands:  # per mode: the least over budget, then the fastest, then the smallest
-        if _mode(c.choice) not in starts or rank(c) < rank(starts[_mode(c.choice)]):
+        if _mode(c.choice) not in starts or _rank(c, budgets) < _rank(starts[_mode(c.choice)], budgets):
             starts[_mode(c.choice)] = c
     added = 0
     for start in starts.values():
@@ -288,9 +285,15 @@ def _polish_study(study: optuna.Study, profile: Profile, hw: HardwareSpec, budge
     return added
 
 
-def _violation(est: Estimate, budgets: Budgets) -> float:
-    return (max(0, est.card_peak_bytes - budgets.vram_bytes) / max(budgets.vram_bytes, 1)
-            + max(0, est.host_ram_bytes - budgets.ram_bytes) / max(budgets.ram_bytes, 1))
+def _rank(c: Candidate, budgets: Budgets) -> tuple:
+    est = c.estimate
+    return _excess(est.card_peak_bytes, est.host_ram_bytes, budgets), est.total_s, est.card_peak_bytes
+
+
+def _excess(card_peak_bytes: int, host_bytes: int, budgets: Budgets) -> float:
+    """How far over the budgets, relative to each (0 when the plan fits): the polish's first criterion."""
+    return (max(0, card_peak_bytes - budgets.vram_bytes) / max(budgets.vram_bytes, 1)
+            + max(0, host_bytes - budgets.ram_bytes) / max(budgets.ram_bytes, 1))
 
 
 def _mode(choice: Choice) -> str:
