@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -301,9 +303,16 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MEMPLAN_CACHE", Path.home() / ".cache" / "memplan")) / "profiles"
 
 
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> tuple[str, ...]:
+    """A traced call runs the libraries' forward code: another version may allocate differently."""
+    return tuple(importlib.metadata.version(lib) for lib in ("torch", "diffusers", "transformers"))
+
+
 def _cache_key(source: PipelineSource, workload: Workload, backend: str) -> str:
     parts = {n: (config_hash(m), sorted(_bytes_by_dtype(m).items())) for n, m in source.components.items()}
-    blob = json.dumps([PROFILE_VERSION, backend, source.pipeline_class, parts, workload.to_dict()], sort_keys=True)
+    blob = json.dumps([PROFILE_VERSION, _library_versions(), backend, source.pipeline_class, parts,
+                       workload.to_dict()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

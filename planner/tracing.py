@@ -1,8 +1,10 @@
 """Tensor-lifetime and FLOP tracing of one module call, on `meta` (no GPU, no weights) or on a real device.
 
 `trace_call(module, fn)` runs `fn()` under a TorchDispatchMode that counts every new storage (keyed by storage
-identity, released through a weakref finalizer), so the live-bytes curve above the weights is known, with its peak
-and the block that was running then. FLOPs come from torch's own flop formulas.
+identity, released through a weakref callback), so the live-bytes curve above the weights is known, with its peak
+and the block that was running then. FLOPs come from torch's own flop formulas. On meta, ops that make fresh
+tensors are memoized by their inputs' metadata (see `_memo_entry`), which makes repeated per-frame / per-tile work
+cheap without changing the curve.
 
 Attention: on meta, `scaled_dot_product_attention` would take the math path and materialize B*H*L*S scores; the
 flash / memory-efficient kernels a GPU (and torch's CPU flash kernel) use do not. While tracing, SDPA is replaced by
@@ -62,6 +64,7 @@ class _NotMeta(Exception):
 _TENSOR = object()  # marks a tensor's metadata inside a signature
 _UNMEMOIZABLE = object()
 _META_MEMO: dict = {}
+_MEMO_LIMIT = 200_000  # entries (a few hundred bytes each); a long-lived process starts over past it
 
 
 _SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
@@ -149,6 +152,8 @@ class _LiveBytesMode(TorchDispatchMode):
             out = func(*args, **kwargs)
             flops = self._flops(func, out, args, kwargs)
             if key is not None and entry is None:
+                if len(_META_MEMO) >= _MEMO_LIMIT:
+                    _META_MEMO.clear()
                 _META_MEMO[key] = _memo_entry(out, args, kwargs, flops)
         else:
             out, flops = _from_memo(entry), entry[2]
@@ -167,14 +172,15 @@ class _LiveBytesMode(TorchDispatchMode):
         n_bytes = storage.nbytes()
         self.live_bytes += n_bytes
         # a plain weakref (kept alive here) is ~10x cheaper than weakref.finalize; its callback is the release
-        self._refs[key] = weakref.ref(storage, lambda _, k=key, n=n_bytes: self._release(k, n))
+        self._refs[key] = weakref.ref(storage, lambda ref, k=key, n=n_bytes: self._release(ref, k, n))
         if self.live_bytes > self.trace.peak_bytes:
             self.trace.peak_bytes = self.live_bytes
             self.trace.peak_module = self.where()
 
-    def _release(self, key: int, n_bytes: int) -> None:
-        self.known.discard(key)
-        self._refs.pop(key, None)
+    def _release(self, ref: weakref.ref, key: int, n_bytes: int) -> None:
+        if self._refs.get(key) is ref:  # not a newer storage at the same address
+            del self._refs[key]
+            self.known.discard(key)
         self.live_bytes -= n_bytes
 
     @staticmethod

@@ -120,3 +120,37 @@ def test_meta_activation_peak_matches_cpu_allocator(case, record_property):
     record_property("measured_with_kernel_scratch_bytes", measured_with_scratch)
     assert measured > 0
     assert abs(predicted / measured - 1) <= TOLERANCE, (predicted, measured, measured_with_scratch)
+
+
+def test_meta_memo_leaves_traces_unchanged(monkeypatch):
+    """The tracer memoizes meta ops by input metadata; a per-frame video VAE decode (mostly memo hits) and a
+    transformer give the same peak, peak block and FLOPs as with every op run."""
+    from planner import tracing
+
+    cases = [("vae", "AutoencoderKLWan", _zoo_config("wan2.1-t2v-1.3b", "vae"), Workload(64, 64, 1, num_frames=9)),
+             ("transformer", "FluxTransformer2DModel", _zoo_config("flux-dev", "transformer", num_layers=2,
+                                                                   num_single_layers=2), Workload(256, 256, 1))]
+    for name, class_name, config, workload in cases:
+        module = build_on_meta("diffusers", class_name, config)
+        role = role_of(name, module)
+        memoized = tracing.trace_call(module, call_builder(module, role, workload))
+        with monkeypatch.context() as patch:
+            patch.setattr(tracing, "_signature", lambda *a: None)
+            plain = tracing.trace_call(module, call_builder(module, role, workload))
+        assert memoized == plain
+
+
+def test_vae_traced_once_when_latents_fit_one_tile(monkeypatch):
+    from planner import profiler
+
+    config = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, latent_channels=4, sample_size=32)
+    vae = build_on_meta("diffusers", "AutoencoderKL", config)  # tiles of 32 px: 16 latents (2x downsampling)
+    traces = []
+    real_trace = profiler._trace
+    monkeypatch.setattr(profiler, "_trace", lambda *a: traces.append(a) or real_trace(*a))
+    fits = profiler.profile_component("vae", vae, Workload(128, 128, 1, dtype="float32"))  # 16 latents
+    assert len(traces) == 1 and fits.tiled_activation_peak_bytes == fits.activation_peak_bytes
+    tiled = profiler.profile_component("vae", vae, Workload(256, 256, 1, dtype="float32"))  # 32 latents: 2x2 tiles
+    assert len(traces) == 3 and tiled.tiled_activation_peak_bytes < tiled.activation_peak_bytes
+    assert vae.use_tiling is False and "tiled_decode" not in vae.__dict__
