@@ -186,7 +186,10 @@ def _check(args, device: str, gpu: str, folder: Path, start: float) -> int:
     spec = calibrate_into(folder, device, env)
     env["gpu_spec_used"] = spec or gpu
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
-    todo = sc.dry_run() + folder_scenarios(Path(tempfile.mkdtemp(prefix="memplan-models-"))) if args.dry_run else sc.gpu_sweep(spec or gpu, budgets)
+    if args.dry_run:
+        todo = sc.dry_run() + folder_scenarios(Path(tempfile.mkdtemp(prefix="memplan-models-")))
+    else:  # with a calibrated spec, the table entry's prices are kept beside it (cmp_* columns)
+        todo = sc.gpu_sweep(spec or gpu, budgets, compare_gpu=gpu if spec else None)
     limit = args.time_limit or (DRY_RUN_TIME_LIMIT_S if args.dry_run else DEFAULT_TIME_LIMIT_S)
     print(f"gpu_check: {len(todo)} scenarios on {env.get('gpu_name', device)} -> {folder}", flush=True)
     rows = run_scenarios(todo, folder / "rows.jsonl", time_limit_s=limit - (time.perf_counter() - start),

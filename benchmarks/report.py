@@ -86,6 +86,7 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
         f"pred alloc {unit}": num("pred_allocated_peak_bytes", div),
         f"meas alloc {unit}": num("meas_allocated_peak_bytes", div), "err peak %": num("err_peak_pct"),
         "pred s": num("pred_total_s"), "meas s": num("meas_total_s"), "err time %": num("err_time_pct"),
+        "err card % (table spec)": num("err_cmp_card_pct"), "err time % (table spec)": num("err_cmp_time_pct"),
         "budget met (pred)": col("budget_met_pred"), "budget met": col("budget_met"),
     })
     return out.dropna(axis=1, how="all")
@@ -282,20 +283,22 @@ def timeline_figure(rows: list[dict]) -> bytes | None:
 
 
 def _measured_steps(ax, events, phases, div) -> None:
+    """Each component call as a horizontal segment at its allocator peak, placed by its time within the phase."""
     spans = {}
     for _, phase, start, end, _ in events:
         lo, hi = spans.get(phase, (start, end))
         spans[phase] = (min(lo, start), max(hi, end))
-    xs, ys = [], []
-    for name, phase, start, end, peak in sorted(events, key=lambda e: e[2]):
+    label = "measured peak per component call"
+    for name, phase, start, end, peak in events:
         if phase not in phases:
             continue
         lo, hi = spans[phase]
         width = (hi - lo) or 1.0
         i = phases.index(phase)
-        xs += [i + (start - lo) / width, i + max((end - lo) / width, 0.02 + (start - lo) / width)]
-        ys += [peak / div, peak / div]
-    ax.plot(xs, ys, c="tab:green", lw=1.2, marker="|", label="measured per component call")
+        x0 = i + 0.05 + 0.9 * (start - lo) / width
+        x1 = max(i + 0.05 + 0.9 * (end - lo) / width, x0 + 0.01)
+        ax.hlines(peak / div, x0, x1, colors="tab:green", lw=2.5, label=label)
+        label = None
 
 
 FIGURES = (("Pareto front: VRAM x latency", pareto_figure), ("Predicted vs measured", scatter_figure),

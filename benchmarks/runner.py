@@ -281,6 +281,18 @@ def plan_fields(plan) -> dict:
     return row
 
 
+def compare_prices(pipe, plan, gpu: str) -> dict:
+    """The plan's choice priced for another GPU spec (cmp_* columns), e.g. the table entry beside a calibration."""
+    from cost_models import estimate, get_gpu
+    from planner.profiler import profile
+    from planner.sources import from_pipeline
+    from planner.workload import Workload
+
+    est = estimate(profile(from_pipeline(pipe), Workload.from_dict(plan.workload)), plan.choice, get_gpu(gpu))
+    return {"cmp_gpu": gpu, "cmp_pred_card_peak_bytes": est.card_peak_bytes,
+            "cmp_pred_allocated_peak_bytes": est.allocated_peak_bytes, "cmp_pred_total_s": est.total_s}
+
+
 def _alternative(choice: Choice, est) -> dict:
     return {"card_peak_bytes": est.card_peak_bytes, "allocated_peak_bytes": est.allocated_peak_bytes,
             "host_ram_bytes": est.host_ram_bytes, "total_s": est.total_s, "desc": describe_choice(choice)}
@@ -472,6 +484,9 @@ def _errors(row: dict, cuda: bool) -> dict:
            "err_time_pct": _error_pct(row.get("pred_total_s"), row.get("meas_total_s")),
            # On CPU the "device" is host RAM too, so host RAM cannot be compared with the offloaded bytes.
            "err_host_pct": _error_pct(row.get("pred_host_ram_bytes"), row.get("meas_host_ram_bytes")) if cuda else None}
+    if row.get("cmp_gpu"):
+        out["err_cmp_card_pct"] = _error_pct(row.get("cmp_pred_card_peak_bytes"), row.get("meas_card_peak_bytes"))
+        out["err_cmp_time_pct"] = _error_pct(row.get("cmp_pred_total_s"), row.get("meas_total_s"))
     pred_steps = row.get("steps_full")
     if row.get("meas_step_s") and row.get("pred_phase_s") and pred_steps:
         out["err_step_pct"] = _error_pct(row["pred_phase_s"].get("denoise", 0.0) / pred_steps, row["meas_step_s"])
@@ -532,6 +547,8 @@ def run_scenario(scenario: Scenario, cache: PipelineCache | None = None) -> dict
         plan = make_plan(scenario, pipe)
         row.update(plan_fields(plan), plan_s=time.perf_counter() - t)
         fp8 = row["fp8"]
+        if scenario.compare_gpu:
+            row.update(compare_prices(pipe, plan, scenario.compare_gpu))  # before apply: fp8 changes dtypes
         row["budget_met_pred"] = row.get("pred_card_peak_bytes", 0) <= scenario.budget_bytes
         t = time.perf_counter()
         plan.apply(pipe, scenario.device)  # weights move off the device before the budget is imposed

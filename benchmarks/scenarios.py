@@ -53,6 +53,7 @@ class Scenario:
     ram_budget: int | str | None = None
     gpu_overrides: dict = field(default_factory=dict)
     seed: int = 0
+    compare_gpu: str | None = None  # also price the plan for this spec (e.g. the table entry beside a calibration)
 
     def __post_init__(self) -> None:
         if not self.name or not self.pipeline:
@@ -139,18 +140,21 @@ def tiny_references(device: str = "cpu", budgets: dict[str, str] | None = None) 
 GPU_BUDGETS_GB = (6, 8, 12, 16, 24)
 
 
-def gpu_sweep(gpu: str = "h100", budgets_gb: tuple[int, ...] = GPU_BUDGETS_GB) -> list[Scenario]:
+def gpu_sweep(gpu: str = "h100", budgets_gb: tuple[int, ...] = GPU_BUDGETS_GB,
+              compare_gpu: str | None = None) -> list[Scenario]:
     """Full-size SDXL-base and Flux-dev at 1024², 2 measured steps, on CUDA: optimize per budget, then references.
 
     Ordered by value per second: the optimized plans first (SDXL is quick), the slow references last, so a sweep
     cut short by its time limit still holds the main results."""
     work = {"height": 1024, "width": 1024}
-    out = [Scenario(f"{pipe}-opt-{gb}GB", pipe, budget=f"{gb}GB", gpu=gpu, device="cuda", workload=work)
+    out = [Scenario(f"{pipe}-opt-{gb}GB", pipe, budget=f"{gb}GB", gpu=gpu, device="cuda", workload=work,
+                    compare_gpu=compare_gpu)
            for pipe in ("sdxl-base", "flux-dev") for gb in budgets_gb]
     refs = ("all_resident", "group_block_1", "group_leaf_stream", "model_offload", "group_block_4",
             "sequential_offload")
     ref_budget = {"sdxl-base": "12GB", "flux-dev": "24GB"}
-    out += [Scenario(f"{pipe}-{ref}", pipe, budget=ref_budget[pipe], gpu=gpu, plan=ref, device="cuda", workload=work)
+    out += [Scenario(f"{pipe}-{ref}", pipe, budget=ref_budget[pipe], gpu=gpu, plan=ref, device="cuda", workload=work,
+                     compare_gpu=compare_gpu)
             for pipe in ("sdxl-base", "flux-dev") for ref in refs]
     return out
 
