@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", help="host RAM budget (default: this machine's available RAM)")
     p.add_argument("--device", default="cuda", help="device the plan runs on (default cuda)")
     p.add_argument("--no-lossy", action="store_true", help="forbid fp8 storage")
-    p.add_argument("--trials", type=int, default=300)
+    p.add_argument("--trials", type=int, help="Optuna trials before the exact polish (default: the search's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", help="Optuna RDB URL, e.g. sqlite:///memplan.db")
     p.add_argument("-o", "--output", help="write the plan JSON here")
@@ -123,6 +123,7 @@ def cmd_plan(args) -> int:
 
     plan = plan_for(args.model, args.budget, ram_budget=args.ram, gpu=args.gpu, device=args.device,
                     allow_lossy=not args.no_lossy, n_trials=args.trials, seed=args.seed, storage=args.storage,
+                    show_progress_bar=sys.stderr.isatty(),
                     **_workload(args))
     print(plan.summary())
     print(f"\nalternatives (Pareto front, {len(plan.alternatives)}):")

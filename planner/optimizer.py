@@ -45,7 +45,8 @@ def _default_device(pipe_like) -> str:
 
 def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, allow_lossy: bool = True,
-             n_trials: int = 300, seed: int = 0, storage: str | None = None, **workload) -> Plan:
+             n_trials: int | None = None, seed: int = 0, storage: str | None = None,
+             show_progress_bar: bool = False, **workload) -> Plan:
     """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
     vram_bytes = parse_size(vram_budget)
     ram_bytes = parse_size(ram_budget) if ram_budget is not None else available_ram_bytes()
@@ -57,7 +58,7 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
     space = SearchSpace(cuda=torch.device(device).type == "cuda", allow_lossy=allow_lossy, allow_disk=ram_short)
     result = search(prof, hw, Budgets(vram_bytes, ram_bytes), space=space, n_trials=n_trials, seed=seed,
-                    storage=storage)
+                    storage=storage, show_progress_bar=show_progress_bar)
     return _make_plan(prof, source, result, hw, device, Budgets(vram_bytes, ram_bytes))
 
 
@@ -78,7 +79,7 @@ def _detect_gpu() -> str:
 def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, height: int | None = None,
              width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
-             batch_size: int = 1, allow_lossy: bool = True, n_trials: int = 300, seed: int = 0,
+             batch_size: int = 1, allow_lossy: bool = True, n_trials: int | None = None, seed: int = 0,
              storage: str | None = None, apply: bool = True) -> Plan:
     """Choose the fastest memory plan for `pipe` that fits the budgets, and apply it.
 
@@ -96,7 +97,8 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
             CPU are searched (group offloading without streams, fp8 storage, VAE tiling/slicing).
         height, width, num_frames, num_inference_steps, batch_size: the workload (defaults: the pipeline's).
         allow_lossy: allow fp8 storage of weights (layerwise casting: lossy, cannot be undone in process).
-        n_trials, seed, storage: the Optuna study (storage: an RDB URL such as "sqlite:///memplan.db").
+        n_trials, seed, storage: the Optuna study (n_trials None: the search's default, then an exact local
+            polish; storage: an RDB URL such as "sqlite:///memplan.db" to persist and share the study).
         apply: apply the plan to `pipe` before returning it.
 
     Raises:
