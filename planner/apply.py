@@ -20,6 +20,7 @@ from planner.strategy import (GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL
 logger = logging.getLogger(__name__)
 
 _APPLIED_ATTR = "_memplan_plan"
+_MISSING = object()
 _GROUP_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker")
 _CASTING_HOOKS = ("layerwise_casting", "peft_autocast_disable")
 
@@ -83,27 +84,42 @@ def _check_vae(choice: Choice, comps: dict) -> None:
 # ---------------------------------------------------------------- snapshot / restore
 
 class _Snapshot:
-    """Every parameter's and buffer's data, and the VAE flags, to restore after a failed apply."""
+    """What a failed apply must put back: every parameter's and buffer's data, accelerate hooks, the VAE flags."""
 
     def __init__(self, pipe):
         self.tensors = [(t, t.data) for m in _components(pipe).values() for t in [*m.parameters(), *m.buffers()]]
         vae = _components(pipe).get("vae")
         self.vae_flags = (getattr(vae, "use_tiling", None), getattr(vae, "use_slicing", None)) if vae else None
         self.fp8 = {n: _fp8_dtype_of(m) for n, m in _components(pipe).items()}
+        modules = [m for c in _components(pipe).values() for m in c.modules()]
+        self.hf_hooks = [(m, m._hf_hook) for m in modules if hasattr(m, "_hf_hook")]
+        self.registries = [(m, m._diffusers_hook) for m in modules if hasattr(m, "_diffusers_hook")]
+        self.attrs = {a: pipe.__dict__.get(a, _MISSING) for a in (_APPLIED_ATTR, "_all_hooks")}
 
     def restore(self, pipe) -> None:
         remove_hooks(pipe)
         for name, module in _components(pipe).items():
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None and self.fp8[name] is None:  # casting added by the failed apply
-                for hook in _CASTING_HOOKS:
-                    registry.remove_hook(hook, recurse=True)
+            if self.fp8[name] is None:  # casting added by the failed apply; the tensors below undo its cast
+                _remove_diffusers_hooks(module, _CASTING_HOOKS, force=True)
+        for module, registry in self.registries:  # emptied and dropped above; diffusers makes some at run time
+            if not hasattr(module, "_diffusers_hook"):
+                module._diffusers_hook = registry
+        if self.hf_hooks:  # accelerate offload that was on before (the user's or a previous plan's)
+            from accelerate.hooks import add_hook_to_module
+
+            for module, hook in self.hf_hooks:
+                if not hasattr(module, "_hf_hook"):
+                    add_hook_to_module(module, hook)
         for tensor, data in self.tensors:
             tensor.data = data
         vae = _components(pipe).get("vae")
         if vae is not None and self.vae_flags is not None:
             vae.use_tiling, vae.use_slicing = self.vae_flags
-        setattr(pipe, _APPLIED_ATTR, None)
+        for attr, value in self.attrs.items():
+            if value is _MISSING:
+                pipe.__dict__.pop(attr, None)
+            else:
+                setattr(pipe, attr, None if attr == _APPLIED_ATTR else value)  # apply_plan re-applies a previous plan
 
 
 def remove_hooks(pipe) -> None:
@@ -112,10 +128,34 @@ def remove_hooks(pipe) -> None:
     if getattr(pipe, "_all_hooks", None) or any(hasattr(m, "_hf_hook") for m in _components(pipe).values()):
         pipe.remove_all_hooks()
     for module in _components(pipe).values():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            for name in _GROUP_HOOKS:
-                registry.remove_hook(name, recurse=True)
+        _remove_diffusers_hooks(module, _GROUP_HOOKS)
+
+
+def _remove_diffusers_hooks(module: torch.nn.Module, names: tuple[str, ...], force: bool = False) -> None:
+    """Remove hooks `names` from every registry in `module`'s tree, then drop the registries this left empty.
+
+    Every submodule is visited: group offloading may hook only blocks (e.g. a VAE whose `encoder`/`decoder`
+    are its block modules), so the top module's registry, when there is one, does not reach them all.
+    `force` skips the hook's `deinitalize_hook` (layerwise casting raises there): the caller restores the weights."""
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        removed = [name for name in names if registry.get_hook(name) is not None]
+        for name in removed:
+            if force:
+                registry.get_hook(name).deinitalize_hook = lambda m: m
+            registry.remove_hook(name, recurse=False)
+        if removed and not registry.hooks:
+            _drop_registry(sub)
+
+
+def _drop_registry(sub: torch.nn.Module) -> None:
+    """Delete an empty HookRegistry, and the `forward` attribute its last removed hook left on the instance."""
+    del sub._diffusers_hook
+    forward = sub.__dict__.get("forward")
+    if getattr(forward, "__self__", None) is sub and getattr(forward, "__func__", None) is type(sub).forward:
+        del sub.forward
 
 
 # ---------------------------------------------------------------- the knobs
@@ -177,8 +217,8 @@ def apply_plan(plan, pipe, device: str, offload_dir: str | None = None) -> None:
     """Apply `plan` to `pipe`; validated before anything is touched, restored if anything fails half-way."""
     validate_plan(plan, pipe, device)
     previous = getattr(pipe, _APPLIED_ATTR, None)
-    if previous is not None and previous.choice == plan.choice:
-        logger.info("plan already applied: nothing to do")
+    if previous is not None and previous.choice == plan.choice and previous.device == device:
+        logger.info("plan already applied on %s: nothing to do", device)
         return
     snapshot = _Snapshot(pipe)
     try:

@@ -69,6 +69,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}; see the README's plan JSON schema")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version {version!r} is not supported (this memplan reads {SCHEMA_VERSION}); "
@@ -80,6 +82,13 @@ class Plan:
         unknown = set(data) - fields
         if unknown:
             raise PlanError(f"plan has unknown keys {sorted(unknown)}; see the README's plan JSON schema")
+        _check_keys("choice", data["choice"], {"components", "vae_tiling", "vae_slicing"}, required={"components"})
+        _check_keys("components", data["components"])
+        for name, meta in data["components"].items():
+            _check_keys(f"components.{name}", meta, {"class", "config_hash"})
+        _check_keys("choice.components", data["choice"]["components"])
+        for name, cplan in data["choice"]["components"].items():
+            _check_keys(f"choice.components.{name}", cplan)  # ComponentPlan.from_dict names unknown keys
         kwargs = dict(data)
         kwargs["choice"] = Choice.from_dict(data["choice"])
         kwargs["predicted"] = Estimate.from_dict(data["predicted"]) if data.get("predicted") else None
@@ -117,6 +126,16 @@ class Plan:
         if self.predicted is not None:
             rows.append(describe_estimate(self.predicted))
         return "\n".join(rows)
+
+
+def _check_keys(where: str, value, known: set[str] | None = None, required: set[str] = frozenset()) -> None:
+    """A JSON object with only `known` keys (None: any) and every `required` one: typos are refused, not ignored."""
+    if not isinstance(value, dict):
+        raise PlanError(f"plan {where} must be a JSON object, got {type(value).__name__}")
+    unknown, missing = set(value) - (set(value) if known is None else known), required - set(value)
+    if unknown or missing:
+        raise PlanError(f"plan {where} has unknown keys {sorted(unknown)}, is missing {sorted(missing)}; "
+                        "see the README's plan JSON schema")
 
 
 def describe_component(choice: Choice, name: str) -> str:
