@@ -86,7 +86,18 @@ def _sig(x):
 def _signature(func, args, kwargs):
     """A hashable key of the call, or None when an input is on a real device or an argument is unhashable."""
     try:
-        key = (func, _sig(args), _sig(tuple(kwargs.items())) if kwargs else ())
+        # the default dtype: factory ops called without a dtype get theirs from it
+        key = [func, torch.get_default_dtype()]
+        for a in args:  # tensors inline: this runs once per op
+            if isinstance(a, torch.Tensor):
+                if not a.is_meta:
+                    return None
+                key.append((_TENSOR, a.dtype, a.shape, a.stride(), a.storage_offset()))
+            else:
+                key.append(_sig(a))
+        if kwargs:
+            key.append(_sig(tuple(kwargs.items())))
+        key = tuple(key)
         hash(key)
         return key
     except (_NotMeta, TypeError):

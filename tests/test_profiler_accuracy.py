@@ -9,10 +9,12 @@ stream (every c10 CPU allocation and free, with its size and pointer, as Kineto 
 with the tracer but the module code and the call recipe of `planner.inputs`: real kernels (CPU SDPA takes its
 flash kernel, which like our stand-in keeps no L*S scores), real frees, no dispatch mode.
 
-Kernel scratch: an allocation freed inside the same top-level aten op that made it (oneDNN's weight and
-activation reorders in `mkldnn_convolution`, per-thread buffers of the flash kernel) is a workspace of this CPU
-backend; a GPU has others (cuDNN workspaces), which memplan does not model. The assertion is on the curve without
-that scratch; the curve with it is recorded beside it (`record_property`) so the gap stays visible.
+Kernel scratch: an allocation freed inside the same top-level aten op that made it is a workspace of this CPU
+backend: oneDNN's weight/activation reorders in `mkldnn_convolution` (up to a whole weight: 118 MB for one SD1.5
+up-block conv), `slow_conv3d`'s im2col columns, the flash kernel's per-thread buffers. A GPU has other workspaces
+(cuDNN's), which memplan does not model. The assertion is on the curve without that scratch; the curve with it is
+recorded beside it (`record_property`) so the gap stays visible. (The rule also drops intermediates of composite
+ops, e.g. the clone inside a reshape, which the tracer does count: those could only make it over-predict.)
 """
 
 from __future__ import annotations
