@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 
 import torch
 
 from planner.sources import config_hash
-from planner.strategy import (GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice, ComponentPlan,
-                              PlanError)
+from planner.strategy import (GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
+                              ComponentPlan, PlanError)
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,29 @@ def _check_component(name: str, module: torch.nn.Module, meta: dict, cplan: Comp
     if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
         raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
                         "enable_layerwise_casting); set its storage_dtype to null")
+    tied = _tied_across_groups(module, cplan) if cplan.offload_to_disk else None
+    if tied:
+        raise PlanError(f"{name}: offload_to_disk with {cplan.offload_type} would put the tied weights {' = '.join(tied)} "
+                        "in different groups, and diffusers' disk offload then frees one group's copy under the other "
+                        "(garbage weights); set offload_to_disk to false for it")
     current = _fp8_dtype_of(module)
     if current is not None and current != cplan.storage_dtype:
         raise PlanError(f"{name}: its weights are already stored in {current} (layerwise casting cannot be undone "
                         f"in process) and the plan needs {cplan.storage_dtype or 'the compute dtype'}: reload {name}")
+
+
+def _tied_across_groups(module: torch.nn.Module, cplan: ComponentPlan) -> list[str] | None:
+    """Names of one parameter shared by several modules that group offloading may split into different groups
+    (leaf_level: always; block_level: when one of them is inside a block). Conservative for block_level."""
+    blocks = set(getattr(module, "_group_offload_block_modules", None) or ()) | {
+        n for n, child in module.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}
+    names: dict[int, list[str]] = {}
+    for n, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(n)
+    for shared in (ns for ns in names.values() if len(ns) > 1):
+        if cplan.offload_type == LEAF_LEVEL or any(n.split(".")[0] in blocks for n in shared):
+            return shared
+    return None
 
 
 def _check_device(choice: Choice, device: str) -> None:
@@ -97,7 +117,7 @@ class _Snapshot:
         self.attrs = {a: pipe.__dict__.get(a, _MISSING) for a in (_APPLIED_ATTR, "_all_hooks")}
 
     def restore(self, pipe) -> None:
-        remove_hooks(pipe)
+        _remove_offload_hooks(pipe)
         for name, module in _components(pipe).items():
             if self.fp8[name] is None:  # casting added by the failed apply; the tensors below undo its cast
                 _remove_diffusers_hooks(module, _CASTING_HOOKS, force=True)
@@ -123,8 +143,32 @@ class _Snapshot:
 
 
 def remove_hooks(pipe) -> None:
-    """Remove memplan's offloading hooks (diffusers group offloading, accelerate model/sequential offload).
-    Layerwise-casting hooks stay: fp8 storage cannot be undone in process."""
+    """Remove memplan's offloading hooks (diffusers group offloading, accelerate model/sequential offload), with
+    disk-offloaded weights read back into RAM. Layerwise-casting hooks stay: fp8 storage cannot be undone in process."""
+    _reload_disk_groups(pipe)
+    _remove_offload_hooks(pipe)
+
+
+def _reload_disk_groups(pipe) -> None:
+    """Read disk-offloaded groups back into RAM (offload device): while a group is on disk diffusers leaves
+    `torch.empty_like` placeholders in its modules, and removing its hook does not load the weights back."""
+    groups = {}
+    for module in _components(pipe).values():
+        for sub in module.modules():
+            registry = getattr(sub, "_diffusers_hook", None)
+            group = getattr(registry.get_hook("group_offloading"), "group", None) if registry is not None else None
+            if group is not None and group.offload_to_disk_path and os.path.exists(group.safetensors_file_path):
+                groups[id(group)] = group
+    if groups:
+        import safetensors.torch
+
+    for group in groups.values():
+        loaded = safetensors.torch.load_file(group.safetensors_file_path, device=str(group.offload_device))
+        for key, tensor in group.key_to_tensor.items():
+            tensor.data = loaded[key]
+
+
+def _remove_offload_hooks(pipe) -> None:
     if getattr(pipe, "_all_hooks", None) or any(hasattr(m, "_hf_hook") for m in _components(pipe).values()):
         pipe.remove_all_hooks()
     for module in _components(pipe).values():
@@ -179,7 +223,11 @@ def _apply_group(module: torch.nn.Module, name: str, plan: ComponentPlan, device
     module.to("cpu")
     disk = None
     if plan.offload_to_disk:
-        disk = f"{offload_dir or tempfile.mkdtemp(prefix='memplan-')}/{name}"
+        # A fresh directory each time: diffusers reuses a group's file when it exists, so a directory written for
+        # another pipeline (or other weights) would be loaded in place of this module's weights.
+        if offload_dir is not None:
+            os.makedirs(offload_dir, exist_ok=True)
+        disk = tempfile.mkdtemp(prefix=f"{name}-" if offload_dir else f"memplan-{name}-", dir=offload_dir)
     apply_group_offloading(
         module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
         offload_type=plan.offload_type, num_blocks_per_group=plan.num_blocks_per_group,
@@ -220,9 +268,10 @@ def apply_plan(plan, pipe, device: str, offload_dir: str | None = None) -> None:
     if previous is not None and previous.choice == plan.choice and previous.device == device:
         logger.info("plan already applied on %s: nothing to do", device)
         return
+    _reload_disk_groups(pipe)  # before the snapshot: it must hold weights, not a disk group's placeholders
     snapshot = _Snapshot(pipe)
     try:
-        remove_hooks(pipe)
+        _remove_offload_hooks(pipe)
         for name, module in _components(pipe).items():
             _apply_storage(module, plan.choice.components[name])
         _apply_placement(pipe, plan.choice, device, offload_dir)

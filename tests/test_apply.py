@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import build_tiny, run_tiny
-from planner.apply import apply_plan
+from planner.apply import apply_plan, remove_hooks
 from planner.plan import Plan
 from planner.sources import config_hash
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD, Choice,
@@ -254,25 +254,81 @@ def test_offload_to_disk_on_cpu_is_close_and_writes_per_component(tmp_path):
     pipe = build_tiny("sdxl")
     disk = dataclasses.replace(BLOCK1, offload_to_disk=True)
     apply_plan(make_plan(pipe, unet=disk, vae=disk), pipe, "cpu", offload_dir=str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["unet", "vae"]
+    assert sorted(d.split("-")[0] for d in os.listdir(tmp_path)) == ["unet", "vae"]
     assert torch.equal(run_tiny(pipe), reference("sdxl"))
+
+
+def test_offload_dir_shared_by_two_pipelines_keeps_each_ones_weights(tmp_path):
+    """diffusers loads a group's safetensors file when it already exists: memplan writes to a fresh directory."""
+    disk = dataclasses.replace(BLOCK1, offload_to_disk=True)
+    first = build_tiny("sdxl", seed=0)
+    apply_plan(make_plan(first, unet=disk), first, "cpu", offload_dir=str(tmp_path))
+    run_tiny(first)  # writes the unet's group files
+    other = build_tiny("sdxl", seed=1)
+    expected = run_tiny(build_tiny("sdxl", seed=1))
+    apply_plan(make_plan(other, unet=disk), other, "cpu", offload_dir=str(tmp_path))
+    assert torch.equal(run_tiny(other), expected)
+
+
+def test_after_disk_offload_another_plan_gets_the_weights_back(tmp_path):
+    """On disk, a group's modules hold `torch.empty_like` placeholders; removing the hooks must read them back."""
+    disk = dataclasses.replace(BLOCK1, offload_to_disk=True)
+    pipe = build_tiny("sdxl")
+    apply_plan(make_plan(pipe, unet=disk, vae=disk), pipe, "cpu", offload_dir=str(tmp_path))
+    make_plan(pipe, text_encoder=LEAF).apply(pipe)
+    assert torch.equal(run_tiny(pipe), reference("sdxl"))
+    apply_plan(make_plan(pipe, unet=disk), pipe, "cpu", offload_dir=str(tmp_path))
+    remove_hooks(pipe)
+    assert hook_names(pipe) == {}
+    assert torch.equal(run_tiny(pipe), reference("sdxl"))
+
+
+def test_a_failure_after_a_disk_plan_puts_it_back_with_its_weights(tmp_path):
+    disk = dataclasses.replace(BLOCK1, offload_to_disk=True)
+    pipe = build_tiny("sdxl")
+    previous = make_plan(pipe, unet=disk)
+    apply_plan(previous, pipe, "cpu", offload_dir=str(tmp_path))
+    with group_offloading_spy(fail_at=2), pytest.raises(RuntimeError, match="injected failure"):
+        make_plan(pipe, BLOCK1).apply(pipe)
+    assert pipe._memplan_plan.choice == previous.choice and groups(pipe.unet)
+    assert torch.equal(run_tiny(pipe), reference("sdxl"))
+
+
+def test_disk_offload_that_would_split_tied_weights_is_refused(tmp_path):
+    """T5's `shared.weight` is `encoder.embed_tokens.weight`. diffusers 0.42's disk offload writes a file per group
+    and, on offload, replaces each of the group's tensors with `torch.empty_like`: with the two modules in different
+    groups (leaf_level), one group's offload leaves garbage in the other's weight (seen here: |w| ~ 1e37)."""
+    pipe = build_tiny("flux")
+    assert pipe.text_encoder_2.shared.weight is pipe.text_encoder_2.encoder.embed_tokens.weight
+    before = pipe_state(pipe)
+    leaf_disk = dataclasses.replace(LEAF, offload_to_disk=True)
+    with pytest.raises(PlanError, match="text_encoder_2: offload_to_disk with leaf_level would put the tied weights "
+                                        "shared.weight = encoder.embed_tokens.weight in different groups"):
+        apply_plan(make_plan(pipe, text_encoder_2=leaf_disk), pipe, "cpu", offload_dir=str(tmp_path))
+    assert pipe_state(pipe) == before
+    # block_level: T5 has no top-level ModuleList, so both names are in its one group; accepted, and exact.
+    block_disk = dataclasses.replace(BLOCK1, offload_to_disk=True)
+    apply_plan(make_plan(pipe, text_encoder_2=block_disk), pipe, "cpu", offload_dir=str(tmp_path))
+    assert torch.equal(run_tiny(pipe), reference("flux"))
 
 
 # ---------------------------------------------------------------- what needs CUDA: the diffusers calls, mocked
 
 def test_stream_plans_call_apply_group_offloading_exactly(tmp_path):
     pipe = build_tiny("flux")
-    cplans = {"vae": CUDA_PLANS["use_stream"], "text_encoder": CUDA_PLANS["record_stream"],
-              "text_encoder_2": dataclasses.replace(CUDA_PLANS["record_stream"], offload_to_disk=True),
-              "transformer": CUDA_PLANS["low_cpu_mem_usage"]}
+    cplans = {"vae": CUDA_PLANS["use_stream"], "text_encoder": dataclasses.replace(CUDA_PLANS["record_stream"],
+                                                                                   offload_to_disk=True),
+              "text_encoder_2": CUDA_PLANS["record_stream"], "transformer": CUDA_PLANS["low_cpu_mem_usage"]}
     plan = make_plan(pipe, device="cuda", **cplans)
     with mock.patch("diffusers.hooks.apply_group_offloading") as group, \
             mock.patch.object(pipe, "enable_model_cpu_offload") as model, \
             mock.patch.object(pipe, "enable_sequential_cpu_offload") as sequential:
         apply_plan(plan, pipe, "cuda", offload_dir=str(tmp_path))
-    assert group.call_args_list == [
-        expected_group_call(m, cplans[n], disk=f"{tmp_path}/text_encoder_2" if n == "text_encoder_2" else None)
-        for n, m in modules(pipe).items()]
+    disk = group.call_args_list[1].kwargs["offload_to_disk_path"]
+    assert os.path.dirname(disk) == str(tmp_path) and os.path.basename(disk).startswith("text_encoder-")
+    assert os.listdir(disk) == []  # a fresh directory: diffusers would load any group file already there
+    assert group.call_args_list == [expected_group_call(m, cplans[n], disk=disk if n == "text_encoder" else None)
+                                    for n, m in modules(pipe).items()]
     model.assert_not_called()
     sequential.assert_not_called()
     assert pipe._memplan_plan.device == "cuda"
