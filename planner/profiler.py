@@ -231,6 +231,7 @@ def _tiled_paths_watched(module):
     `tiled_decode`, `_temporal_tiled_decode`, ... and `_decode` calls them only when the latents exceed a tile."""
     used: list[str] = []
     names = [n for n in dir(type(module)) if "tiled" in n and callable(getattr(type(module), n, None))]
+    shadowed = {n: module.__dict__[n] for n in names if n in module.__dict__}  # the user's own patches
     for name in names:
         method = getattr(module, name)
 
@@ -244,6 +245,7 @@ def _tiled_paths_watched(module):
     finally:
         for name in names:
             module.__dict__.pop(name, None)
+        module.__dict__.update(shadowed)
 
 
 def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
