@@ -301,11 +301,11 @@ def _mode(choice: Choice) -> str:
 
 
 def _add_priced_trial(study: optuna.Study, choice: Choice, est: Estimate, budgets: Budgets, profile: Profile,
-                      space: SearchSpace) -> None:
+                      space: SearchSpace, origin: str = "polish") -> None:
     params, distributions = choice_trial_params(choice, profile, space)
     study.add_trial(optuna.trial.create_trial(
         value=est.total_s, params=params, distributions=distributions, constraints=_constraints(est, budgets),
-        user_attrs={"choice": choice.to_dict(), "estimate": est.to_dict(), "origin": "polish"}))
+        user_attrs={"choice": choice.to_dict(), "estimate": est.to_dict(), "origin": origin}))
 
 
 # ---------------------------------------------------------------- search
@@ -324,12 +324,21 @@ def _open_study(profile: Profile, hw: HardwareSpec, budgets: Budgets, space: Sea
                                 load_if_exists=True)
     if not study.trials:
         study.set_user_attr("budgets", budgets.__dict__)  # record_measurement judges measured peaks against them
-        for choice in classic_choices(profile, space):
-            try:
-                study.enqueue_trial(choice_params(choice, profile, space), skip_if_exists=True)
-            except ValueError:  # a classic plan this pipeline or space cannot express (e.g. n=4 > its blocks)
-                logger.debug("classic plan not in this space: %s", _describe(choice))
+        _add_classics(study, profile, hw, budgets, space)
     return study
+
+
+def _add_classics(study: optuna.Study, profile: Profile, hw: HardwareSpec, budgets: Budgets,
+                  space: SearchSpace) -> None:
+    """Price the classic plans and add them as finished trials, so TPE starts from them.
+
+    Not `enqueue_trial`: on SQLite two workers can pop the same WAITING trial and the second `tell` fails
+    ("Cannot tell a COMPLETE trial"); a finished trial added in one statement cannot race."""
+    for choice in classic_choices(profile, space):
+        try:
+            _add_priced_trial(study, choice, estimate(profile, choice, hw), budgets, profile, space, "classic")
+        except ValueError:  # a classic plan this pipeline or space cannot express (e.g. n=4 > its blocks)
+            logger.debug("classic plan not in this space: %s", _describe(choice))
 
 
 def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: SearchSpace = SearchSpace(),
@@ -337,8 +346,8 @@ def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: Searc
            study_name_override: str | None = None, show_progress_bar: bool = False) -> SearchResult:
     """Run (or resume) the study and return the fastest feasible plan and the feasible Pareto front.
 
-    The study starts from the classic plans (enqueued), then TPE samples `n_trials` trials in all (classics
-    included; None: DEFAULT_N_TRIALS), then the best trial of each pipeline mode is polished by local search (`polish`) and every
+    The study starts from the classic plans (added as priced trials), then TPE samples `n_trials` trials
+    (None: DEFAULT_N_TRIALS), then the best trial of each pipeline mode is polished by local search (`polish`) and every
     polished plan is added to the study as a trial, so a shared storage keeps it. Plans recorded as failed by
     `record_measurement` are never returned.
 
