@@ -30,7 +30,7 @@ from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 # The layers diffusers' group offloading (leaf_level) and layerwise casting act on.
 SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                     torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)
@@ -195,6 +195,17 @@ def _leaves(module: torch.nn.Module) -> list[int]:
 
 # ---------------------------------------------------------------- calls
 
+def layerwise_casting_works(module: torch.nn.Module, role: str) -> bool:
+    """fp8 storage needs a diffusers model (its `.dtype` reports the compute dtype under casting). A fp16 VAE with
+    `force_upcast` is excluded: SD/SDXL pipelines move it to fp32 for decoding, while the casting hook keeps
+    casting its weights to fp16, and the decode fails on mixed dtypes."""
+    if not hasattr(module, "enable_layerwise_casting"):
+        return False
+    config = getattr(module, "config", None)
+    upcasts = role == "vae" and bool(getattr(config, "force_upcast", False))
+    return not (upcasts and any(p.dtype == torch.float16 for p in module.parameters()))
+
+
 def calls_per_run(role: str, workload: Workload) -> int:
     """Calls of a component in one pipeline call. Text encoders run for the prompt and, with CFG, for the
     negative prompt; the denoiser runs steps x separate CFG passes; the VAE decodes once."""
@@ -295,7 +306,7 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
         activation_peak_bytes=trace.peak_bytes if trace else 0,
         activation_peak_module=trace.peak_module if trace else "",
         flops_per_call=trace.flops if trace else 0.0, activations_known=trace is not None,
-        supports_layerwise_casting=hasattr(module, "enable_layerwise_casting"), **extra,
+        supports_layerwise_casting=layerwise_casting_works(module, role), **extra,
     )
 
 

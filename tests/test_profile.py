@@ -91,3 +91,13 @@ def test_profile_is_cached_and_serializable(tmp_path):
     from planner.profiler import Profile
 
     assert Profile.from_dict(json.loads(json.dumps(first.to_dict()))) == first
+
+
+def test_fp8_is_offered_only_where_diffusers_can_apply_it():
+    from planner.profiler import layerwise_casting_works
+
+    sdxl, flux = load_source("sdxl-base").components, load_source("flux-dev").components
+    assert not layerwise_casting_works(sdxl["vae"], "vae")  # fp16 + force_upcast: decoded in fp32
+    assert layerwise_casting_works(sdxl["unet"], "denoiser")
+    assert layerwise_casting_works(flux["vae"], "vae")  # bf16: the Flux pipeline does not upcast
+    assert not layerwise_casting_works(flux["text_encoder_2"], "text_encoder")  # transformers: no casting API
