@@ -63,9 +63,9 @@ def _check_component(name: str, module: torch.nn.Module, meta: dict, cplan: Comp
                         "enable_layerwise_casting); set its storage_dtype to null")
     tied = _tied_across_groups(module, cplan) if cplan.offload_to_disk else None
     if tied:
-        raise PlanError(f"{name}: offload_to_disk with {cplan.offload_type} would put the tied weights {' = '.join(tied)} "
-                        "in different groups, and diffusers' disk offload then frees one group's copy under the other "
-                        "(garbage weights); set offload_to_disk to false for it")
+        raise PlanError(f"{name}: offload_to_disk with {cplan.offload_type} would put the tied weights "
+                        f"{' = '.join(tied)} in different groups, and diffusers' disk offload then frees one group's "
+                        "copy under the other (garbage weights); set offload_to_disk to false for it")
     current = _fp8_dtype_of(module)
     if current is not None and current != cplan.storage_dtype:
         raise PlanError(f"{name}: its weights are already stored in {current} (layerwise casting cannot be undone "
@@ -159,8 +159,9 @@ def _reload_disk_groups(pipe) -> None:
             group = getattr(registry.get_hook("group_offloading"), "group", None) if registry is not None else None
             if group is not None and group.offload_to_disk_path and os.path.exists(group.safetensors_file_path):
                 groups[id(group)] = group
-    if groups:
-        import safetensors.torch
+    if not groups:
+        return
+    import safetensors.torch
 
     for group in groups.values():
         loaded = safetensors.torch.load_file(group.safetensors_file_path, device=str(group.offload_device))

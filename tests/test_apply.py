@@ -112,7 +112,8 @@ def pipe_state(pipe) -> dict:
     vae = pipe.vae
     return {"tensors": tensor_state(pipe), "hooks": hook_state(pipe),
             "vae": (vae.use_tiling, vae.use_slicing),
-            "plan": pipe.__dict__.get("_memplan_plan", _MISSING), "all_hooks": pipe.__dict__.get("_all_hooks", _MISSING)}
+            "plan": pipe.__dict__.get("_memplan_plan", _MISSING),
+            "all_hooks": pipe.__dict__.get("_all_hooks", _MISSING)}
 
 
 def hook_names(pipe) -> dict:
@@ -553,7 +554,8 @@ def flux_plan_dict() -> dict:
     (lambda d: d["choice"]["components"]["vae"].update(offload="yes"), r"unknown component plan keys \['offload'\]"),
     (lambda d: d["choice"].update(vae_tilling=True), r"choice has unknown keys \['vae_tilling'\]"),
     (lambda d: d["choice"].pop("components"), r"choice has unknown keys \[\], is missing \['components'\]"),
-    (lambda d: d["components"]["vae"].update({"config-hash": "x"}), r"components.vae has unknown keys \['config-hash'\]"),
+    (lambda d: d["components"]["vae"].update({"config-hash": "x"}),
+     r"components.vae has unknown keys \['config-hash'\]"),
     (lambda d: d.update(components=["vae"]), "plan components must be a JSON object, got list"),
     (lambda d: d.pop("choice"), r"missing \['choice'\]"),
     (lambda d: d["choice"]["components"].pop("vae"), r"missing \['vae'\]"),

@@ -7,6 +7,7 @@ each other run concurrently, so the whole file costs a few pipeline profiles.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -106,7 +107,7 @@ def test_plan_estimate_and_show_print_the_same_prediction(planned, budget="2GB")
 
 # ---------------------------------------------------------------- the other commands, --help
 
-COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+COMMANDS = sorted(next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices)
 
 
 @pytest.fixture(scope="module")
