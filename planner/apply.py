@@ -14,8 +14,9 @@ import tempfile
 
 import torch
 
+from planner.profiler import layerwise_casting_works, role_of, tied_weights_split
 from planner.sources import config_hash
-from planner.strategy import (GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
+from planner.strategy import (GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
                               ComponentPlan, PlanError)
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ def _check_component(name: str, module: torch.nn.Module, meta: dict, cplan: Comp
     if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
         raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
                         "enable_layerwise_casting); set its storage_dtype to null")
-    tied = _tied_across_groups(module, cplan) if cplan.offload_to_disk else None
+    if cplan.fp8 and not layerwise_casting_works(module, role_of(name, module)):
+        raise PlanError(f"{name}: an fp16 VAE with force_upcast is decoded in fp32, which fp8 casting breaks; "
+                        "set its storage_dtype to null")
+    tied = tied_weights_split(module, cplan.offload_type) if cplan.offload_to_disk else None
     if tied:
         raise PlanError(f"{name}: offload_to_disk with {cplan.offload_type} would put the tied weights "
                         f"{' = '.join(tied)} in different groups, and diffusers' disk offload then frees one group's "
@@ -70,20 +74,6 @@ def _check_component(name: str, module: torch.nn.Module, meta: dict, cplan: Comp
     if current is not None and current != cplan.storage_dtype:
         raise PlanError(f"{name}: its weights are already stored in {current} (layerwise casting cannot be undone "
                         f"in process) and the plan needs {cplan.storage_dtype or 'the compute dtype'}: reload {name}")
-
-
-def _tied_across_groups(module: torch.nn.Module, cplan: ComponentPlan) -> list[str] | None:
-    """Names of one parameter shared by several modules that group offloading may split into different groups
-    (leaf_level: always; block_level: when one of them is inside a block). Conservative for block_level."""
-    blocks = set(getattr(module, "_group_offload_block_modules", None) or ()) | {
-        n for n, child in module.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}
-    names: dict[int, list[str]] = {}
-    for n, param in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(n)
-    for shared in (ns for ns in names.values() if len(ns) > 1):
-        if cplan.offload_type == LEAF_LEVEL or any(n.split(".")[0] in blocks for n in shared):
-            return shared
-    return None
 
 
 def _check_device(choice: Choice, device: str) -> None:

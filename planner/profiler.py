@@ -30,7 +30,7 @@ from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 # The layers diffusers' group offloading (leaf_level) and layerwise casting act on.
 SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                     torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)
@@ -77,6 +77,8 @@ class ComponentProfile:
     # diffusers models only: their `.dtype` reports the compute dtype under layerwise casting; transformers
     # encoders would report fp8 and the pipeline would build its tensors in fp8.
     supports_layerwise_casting: bool = False
+    # offload types whose groups would split a tied parameter: disk offload then corrupts it (diffusers 0.42)
+    disk_unsafe_offload_types: tuple[str, ...] = ()
 
     @property
     def param_bytes(self) -> int:
@@ -114,6 +116,7 @@ class Profile:
             c = dict(c)
             c["blocks"] = tuple(Unit(**u) for u in c["blocks"])
             c["unmatched"] = Unit(**c["unmatched"])
+            c["disk_unsafe_offload_types"] = tuple(c.get("disk_unsafe_offload_types", ()))
             comps[name] = ComponentProfile(**c)
         return cls(data["pipeline_class"], data["source_name"], Workload.from_dict(data["workload"]), comps,
                    data.get("backend", "meta"), data.get("version", PROFILE_VERSION))
@@ -204,6 +207,20 @@ def layerwise_casting_works(module: torch.nn.Module, role: str) -> bool:
     config = getattr(module, "config", None)
     upcasts = role == "vae" and bool(getattr(config, "force_upcast", False))
     return not (upcasts and any(p.dtype == torch.float16 for p in module.parameters()))
+
+
+def tied_weights_split(module: torch.nn.Module, offload_type: str | None) -> list[str] | None:
+    """Names of one parameter shared by several modules that group offloading may split into different groups
+    (leaf_level: always; block_level: when one of them is inside a block). Conservative for block_level."""
+    blocks = set(getattr(module, "_group_offload_block_modules", None) or ()) | {
+        n for n, child in module.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}
+    names: dict[int, list[str]] = {}
+    for n, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(n)
+    for shared in (ns for ns in names.values() if len(ns) > 1):
+        if offload_type == "leaf_level" or any(n.split(".")[0] in blocks for n in shared):
+            return shared
+    return None
 
 
 def calls_per_run(role: str, workload: Workload) -> int:
@@ -306,7 +323,9 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
         activation_peak_bytes=trace.peak_bytes if trace else 0,
         activation_peak_module=trace.peak_module if trace else "",
         flops_per_call=trace.flops if trace else 0.0, activations_known=trace is not None,
-        supports_layerwise_casting=layerwise_casting_works(module, role), **extra,
+        supports_layerwise_casting=layerwise_casting_works(module, role),
+        disk_unsafe_offload_types=tuple(t for t in ("block_level", "leaf_level") if tied_weights_split(module, t)),
+        **extra,
     )
 
 

@@ -55,7 +55,7 @@ def suggest_group(ask: Asker, name: str, comp: ComponentProfile, space: SearchSp
     if use_stream:
         record = ask.suggest_categorical(f"{name}.record_stream", [False, True])
         low_cpu = ask.suggest_categorical(f"{name}.low_cpu_mem_usage", [False, True])
-    if space.allow_disk:
+    if space.allow_disk and offload_type not in comp.disk_unsafe_offload_types:
         disk = ask.suggest_categorical(f"{name}.offload_to_disk", [False, True])
     return ComponentPlan(GROUP_OFFLOAD, offload_type, n_blocks, use_stream, record, low_cpu, disk, storage)
 

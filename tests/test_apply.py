@@ -646,3 +646,14 @@ def test_the_readme_plan_with_streams_loads_and_is_refused_on_cpu(tmp_path):
     te_to.assert_called_once_with("cuda")  # resident components are moved to the device
     vae_to.assert_called_once_with("cuda")
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+
+
+def test_fp8_on_an_upcast_fp16_vae_is_refused_untouched():
+    """SDXL decodes an fp16 VAE with force_upcast in fp32; fp8 casting hooks would cast it back (mixed dtypes)."""
+    pipe = build_tiny("sdxl")
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    before = pipe_state(pipe)
+    with pytest.raises(PlanError, match="vae: an fp16 VAE with force_upcast"):
+        make_plan(pipe, vae=ComponentPlan(storage_dtype=E4M3)).apply(pipe)
+    assert pipe_state(pipe) == before

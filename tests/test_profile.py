@@ -101,3 +101,17 @@ def test_fp8_is_offered_only_where_diffusers_can_apply_it():
     assert layerwise_casting_works(sdxl["unet"], "denoiser")
     assert layerwise_casting_works(flux["vae"], "vae")  # bf16: the Flux pipeline does not upcast
     assert not layerwise_casting_works(flux["text_encoder_2"], "text_encoder")  # transformers: no casting API
+
+
+def test_disk_offload_is_not_offered_where_it_would_split_tied_weights():
+    from planner.space import PER_COMPONENT, SearchSpace, enumerate_component
+
+    prof = profile(load_source("flux-dev"), Workload(height=256, width=256, num_inference_steps=2,
+                                                     max_sequence_length=64))
+    t5 = prof.components["text_encoder_2"]  # shared.weight is encoder.embed_tokens.weight
+    assert t5.disk_unsafe_offload_types == ("leaf_level",)
+    options = enumerate_component("text_encoder_2", t5, PER_COMPONENT, SearchSpace(allow_disk=True))
+    assert not any(p.offload_to_disk and p.offload_type == "leaf_level" for p in options)
+    clip = prof.components["text_encoder"]  # nothing tied: disk is offered at leaf level
+    clip_options = enumerate_component("text_encoder", clip, PER_COMPONENT, SearchSpace(allow_disk=True))
+    assert any(p.offload_to_disk and p.offload_type == "leaf_level" for p in clip_options)
