@@ -44,21 +44,15 @@ def validate_plan(plan, pipe, device: str) -> None:
     """Raise PlanError if `plan` cannot be applied to `pipe` on `device` exactly as written."""
     if not hasattr(pipe, "components"):
         raise PlanError(f"{type(pipe).__name__} is not a diffusers pipeline")
-    if type(pipe).__name__ != plan.pipeline_class:
-        raise PlanError(f"plan is for {plan.pipeline_class}, the pipeline is {type(pipe).__name__}")
     comps = _components(pipe)
-    plan.choice.validate(list(comps))
+    plan.check_fits(type(pipe).__name__, {n: (type(m).__name__, config_hash(m)) for n, m in comps.items()})
     for name, module in comps.items():
-        _check_component(name, module, plan.components.get(name, {}), plan.choice.components[name])
+        _check_component(name, module, plan.choice.components[name])
     _check_device(plan.choice, device)
     _check_vae(plan.choice, comps)
 
 
-def _check_component(name: str, module: torch.nn.Module, meta: dict, cplan: ComponentPlan) -> None:
-    if meta.get("class") and meta["class"] != type(module).__name__:
-        raise PlanError(f"{name}: plan is for {meta['class']}, the pipeline has {type(module).__name__}")
-    if meta.get("config_hash") and meta["config_hash"] != config_hash(module):
-        raise PlanError(f"{name}: its config differs from the one the plan was made for (config hash); re-plan")
+def _check_component(name: str, module: torch.nn.Module, cplan: ComponentPlan) -> None:
     if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
         raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
                         "enable_layerwise_casting); set its storage_dtype to null")

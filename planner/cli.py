@@ -125,13 +125,14 @@ def cmd_plan(args) -> int:
                     allow_lossy=not args.no_lossy, n_trials=args.trials, seed=args.seed, storage=args.storage,
                     show_progress_bar=sys.stderr.isatty(),
                     **_workload(args))
+    if args.output:  # first, so a bad path fails before anything is printed
+        plan.save(args.output)
     print(plan.summary())
     print(f"\nalternatives (Pareto front, {len(plan.alternatives)}):")
     for alt in plan.alternatives[:10]:
         e = alt.predicted
         print(f"  card {format_size(e.card_peak_bytes):>10s}  host {format_size(e.host_ram_bytes):>10s}  {e.total_s:8.2f}s")
     if args.output:
-        plan.save(args.output)
         print(f"\nwrote {args.output}")
     return 0
 
@@ -149,7 +150,9 @@ def cmd_estimate(args) -> int:
     work = Workload.from_dict({**plan.workload, **overrides}) if plan.workload else default_workload(
         source.pipeline_class, **{**source.workload_defaults, **overrides})
     hw = get_gpu(args.gpu) if args.gpu else _plan_gpu(plan)
-    est = estimate(profile(source, work), plan.choice, hw)
+    prof = profile(source, work)
+    plan.check_fits(prof.pipeline_class, {n: (c.class_name, c.config_hash) for n, c in prof.components.items()})
+    est = estimate(prof, plan.choice, hw)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, PlanError, FileNotFoundError) as err:  # BudgetError is a ValueError
+    except (ValueError, PlanError, OSError) as err:  # BudgetError is a ValueError
         if args.debug:
             raise
         print(f"memplan: error: {err}", file=sys.stderr)

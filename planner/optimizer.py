@@ -51,7 +51,7 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     vram_bytes = parse_size(vram_budget)
     ram_bytes = parse_size(ram_budget) if ram_budget is not None else available_ram_bytes()
     hw = get_gpu(gpu or _detect_gpu())
-    device = device or _default_device(model)
+    device = _check_device(device or _default_device(model))
     source = _source(model)
     work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
     prof = profile(source, work)
@@ -69,6 +69,13 @@ def _make_plan(prof: Profile, source: PipelineSource, result, hw: HardwareSpec, 
                 predicted=result.best.estimate, workload=prof.workload.to_dict(),
                 budgets={"vram_bytes": budgets.vram_bytes, "ram_bytes": budgets.ram_bytes},
                 hardware=hw.to_dict(), device=device, alternatives=alternatives)
+
+
+def _check_device(device: str) -> str:
+    kind = str(device).split(":")[0]
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"device {device!r} is not supported: give 'cuda' (or 'cuda:N') or 'cpu'")
+    return device
 
 
 def _detect_gpu() -> str:

@@ -110,6 +110,20 @@ class Plan:
         return cls.from_dict(data)
 
     # ------------------------------------------------------------ use
+    def check_fits(self, pipeline_class: str, components: dict[str, tuple[str, str]]) -> None:
+        """Raise PlanError unless the plan was made for this pipeline class and these components
+        (name -> (class name, config hash)); a hash absent from a hand-written plan is not checked."""
+        if pipeline_class != self.pipeline_class:
+            raise PlanError(f"plan is for {self.pipeline_class}, the pipeline is {pipeline_class}")
+        self.choice.validate(list(components))
+        for name, (class_name, hash_) in components.items():
+            meta = self.components.get(name, {})
+            if meta.get("class") and meta["class"] != class_name:
+                raise PlanError(f"{name}: plan is for {meta['class']}, the pipeline has {class_name}")
+            if meta.get("config_hash") and meta["config_hash"] != hash_:
+                raise PlanError(f"{name}: its config differs from the one the plan was made for (config hash); "
+                                "re-plan")
+
     def apply(self, pipe, device: str | None = None) -> None:
         """Apply this plan to `pipe` with diffusers' own hooks (validated first; on error `pipe` is unchanged)."""
         from planner.apply import apply_plan

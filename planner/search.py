@@ -320,8 +320,12 @@ def _sampler(seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
 def _open_study(profile: Profile, hw: HardwareSpec, budgets: Budgets, space: SearchSpace, seed: int, n_trials: int,
                 storage, name: str | None) -> optuna.Study:
     name = name or study_name(profile, hw, budgets, space)
-    study = optuna.create_study(storage=storage, sampler=_sampler(seed, n_trials), study_name=name,
-                                load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=storage, sampler=_sampler(seed, n_trials), study_name=name,
+                                    load_if_exists=True)
+    except Exception as err:  # sqlalchemy's errors for a bad URL are many; name the input instead
+        raise ValueError(f"storage {storage!r} cannot be opened ({type(err).__name__}: {err}); give an Optuna "
+                         "RDB URL such as 'sqlite:///memplan.db' or 'postgresql://user@host/db'") from err
     if not study.trials:
         study.set_user_attr("budgets", budgets.__dict__)  # record_measurement judges measured peaks against them
         _add_classics(study, profile, hw, budgets, space)
@@ -360,6 +364,8 @@ def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: Searc
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     n_trials = DEFAULT_N_TRIALS if n_trials is None else n_trials
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials={n_trials!r} is not valid: give a positive int (or None for the default)")
     study = _open_study(profile, hw, budgets, space, seed, n_trials, storage, study_name_override)
     study.optimize(_objective(profile, hw, budgets, space), n_trials=n_trials, show_progress_bar=show_progress_bar)
     _polish_study(study, profile, hw, budgets, space)

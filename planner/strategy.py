@@ -43,6 +43,9 @@ class ComponentPlan:
         return self.strategy != RESIDENT
 
     def validate(self, name: str) -> None:
+        for flag in ("use_stream", "record_stream", "low_cpu_mem_usage", "offload_to_disk"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PlanError(f"{name}: {flag} must be true or false, got {getattr(self, flag)!r}")
         if self.strategy not in STRATEGIES:
             raise PlanError(f"{name}: strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.storage_dtype is not None and self.storage_dtype not in FP8_DTYPES:
@@ -90,6 +93,9 @@ class Choice:
     vae_slicing: bool = False
 
     def validate(self, component_names: list[str] | None = None) -> None:
+        for flag in ("vae_tiling", "vae_slicing"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PlanError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         for name, plan in self.components.items():
             plan.validate(name)
         wide = {p.strategy for p in self.components.values() if p.strategy in PIPELINE_WIDE}
@@ -117,4 +123,4 @@ class Choice:
     @classmethod
     def from_dict(cls, data: dict) -> "Choice":
         comps = {n: ComponentPlan.from_dict(p) for n, p in data["components"].items()}
-        return cls(comps, bool(data.get("vae_tiling", False)), bool(data.get("vae_slicing", False)))
+        return cls(comps, data.get("vae_tiling", False), data.get("vae_slicing", False))

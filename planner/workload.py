@@ -26,6 +26,9 @@ class Workload:
     max_sequence_length: int = 77
     dtype: str = "bfloat16"
 
+    def __post_init__(self) -> None:
+        _validate(dataclasses.asdict(self))
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -63,12 +66,12 @@ def default_workload(pipeline_class: str, **overrides) -> Workload:
         base = _FALLBACK
     fields = dict(base)
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    _validate(fields)
     return Workload(**fields)
 
 
 def _validate(fields: dict) -> None:
-    for key in ("height", "width", "num_inference_steps", "batch_size", "num_frames"):
+    for key in ("height", "width", "num_inference_steps", "batch_size", "num_frames", "cfg_batch", "cfg_passes",
+                "max_sequence_length"):
         value = fields.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key}={value!r} is not valid: give a positive int")

@@ -657,3 +657,12 @@ def test_fp8_on_an_upcast_fp16_vae_is_refused_untouched():
     with pytest.raises(PlanError, match="vae: an fp16 VAE with force_upcast"):
         make_plan(pipe, vae=ComponentPlan(storage_dtype=E4M3)).apply(pipe)
     assert pipe_state(pipe) == before
+
+
+@pytest.mark.parametrize("knob", [{"use_stream": "false"}, {"offload_to_disk": 1}])
+def test_plan_flags_must_be_booleans(knob):
+    plan = ComponentPlan("group_offload", "leaf_level", **knob)
+    with pytest.raises(PlanError, match=f"{next(iter(knob))} must be true or false"):
+        plan.validate("transformer")
+    with pytest.raises(PlanError, match="vae_tiling must be true or false"):
+        Choice({}, vae_tiling="false").validate()

@@ -158,9 +158,22 @@ BAD = {  # case → (args, what the one stderr line must name)
     "impossible budget": (["plan", "sd15", "--budget", "1MB", "--gpu", "rtx-4090", "--ram", "64GB", "--trials", "20"],
                           "no plan fits"),
     "plan for another model": (["estimate", "sd15", "--plan", "flux.json", "--gpu", "rtx-4090"],
-                               "plan components do not match the pipeline: missing ['unet']"),
+                               "plan is for FluxPipeline, the pipeline is StableDiffusionPipeline"),
     "plan without a gpu": (["estimate", "sd15", "--plan", "flux.json"], "the plan names no GPU: pass --gpu"),
     "not a plan": (["show", "not-a-plan.json"], "cannot read plan not-a-plan.json"),
+    "estimate checks the plan's classes": (
+        ["estimate", "sd15", "--plan", "flux-classes.json", "--gpu", "rtx-4090"], "plan is for FluxPipeline"),
+    "negative height on estimate": (["estimate", "sd15", "--plan", "plan-4GB.json", "--height", "-8"], "height=-8"),
+    "zero steps on estimate": (["estimate", "sd15", "--plan", "plan-4GB.json", "--steps", "0"],
+                               "num_inference_steps=0"),
+    "output is a directory": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--ram", "64GB",
+                               "--trials", "5", "-o", "."], "Is a directory"),
+    "unknown device": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--device", "tpu"],
+                       "device 'tpu' is not supported"),
+    "bad storage": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--ram", "64GB",
+                     "--storage", "nosuchdb://x"], "storage 'nosuchdb://x' cannot be opened"),
+    "zero trials": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--ram", "64GB", "--trials", "0"],
+                    "n_trials=0 is not valid"),
 }
 
 
@@ -172,23 +185,12 @@ FLUX_CLASSES_ON_SD15_NAMES = {  # sd15's component names, another pipeline's cla
     "components": {"vae": {"class": "AutoencoderTiny"}, "text_encoder": {"class": "T5EncoderModel"},
                    "unet": {"class": "FluxTransformer2DModel", "config_hash": "0123456789abcdef"}},
     "choice": {"components": {"vae": {}, "text_encoder": {}, "unet": {}}}}
-KNOWN_BAD = {  # bugs in planner/cli.py, reported, not fixed here: each should be a one-line exit 2. Also reported,
-    # not run here (each costs a search): `plan -o <a directory>`, `--device tpu`, `--storage nosuchdb://x` end in a
-    # traceback with exit 1; `--trials 0` says "no plan fits" although the smallest plan is under the budget.
-    "estimate does not check the plan's classes": (
-        ["estimate", "sd15", "--plan", "flux-classes.json", "--gpu", "rtx-4090"], "FluxPipeline"),
-    "negative height on estimate": (["estimate", "sd15", "--plan", "plan-4GB.json", "--height", "-8"], "height=-8"),
-    "zero steps on estimate": (["estimate", "sd15", "--plan", "plan-4GB.json", "--steps", "0"],
-                               "num_inference_steps=0"),
-}
-
-
 @pytest.fixture(scope="module")
 def bad_runs(cwd, planned) -> dict:  # after `planned`: sd15's profile is cached
     (cwd / "not-a-plan.json").write_text("{not json")
     (cwd / "flux.json").write_text(json.dumps(FLUX_PLAN))
     (cwd / "flux-classes.json").write_text(json.dumps(FLUX_CLASSES_ON_SD15_NAMES))
-    runs = {case: args for case, (args, _) in {**BAD, **KNOWN_BAD}.items()}
+    runs = {case: args for case, (args, _) in BAD.items()}
     runs["debug"] = ["--debug", *BAD["bad budget"][0]]
     return memplan_many(runs, cwd)
 
@@ -202,14 +204,6 @@ def test_bad_input_exits_2_with_one_line_naming_it(bad_runs, case):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("memplan: error: ") and named in lines[0], lines[0]
     assert "Traceback" not in result.stderr
-
-
-@pytest.mark.xfail(strict=True, reason="planner/cli.py bugs, reported to its owner")
-@pytest.mark.parametrize("case", sorted(KNOWN_BAD))
-def test_known_cli_bugs(bad_runs, case):
-    result, named = bad_runs[case], KNOWN_BAD[case][1]
-    assert result.returncode == 2 and result.stdout == "", (result.returncode, result.stderr[-300:])
-    assert len(result.stderr.splitlines()) == 1 and named in result.stderr, result.stderr[-300:]
 
 
 def test_impossible_budget_names_the_smallest_that_fits(bad_runs):
