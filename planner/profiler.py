@@ -30,7 +30,7 @@ from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 # The layers diffusers' group offloading (leaf_level) and layerwise casting act on.
 SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                     torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)
@@ -286,7 +286,8 @@ def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
     if extra["supports_tiling"]:
         with _vae_flags(module, tiling=True, slicing=False), _tiled_paths_watched(module) as used:
             tiled = _trace(module, "vae", workload)
-        extra.update(tiled_activation_peak_bytes=tiled.peak_bytes, tiled_flops_per_call=tiled.flops)
+        if used:  # tiled_* stay None when tiling would change nothing for this workload
+            extra.update(tiled_activation_peak_bytes=tiled.peak_bytes, tiled_flops_per_call=tiled.flops)
         plain = None if used else tiled
     if plain is None:
         with _vae_flags(module, tiling=False, slicing=False):

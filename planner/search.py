@@ -418,17 +418,16 @@ def _budget_error(profile, hw, budgets, space, cands) -> BudgetError:
 
 def min_memory_candidate(profile: Profile, hw: HardwareSpec, space: SearchSpace,
                          cands: list[Candidate] = ()) -> Candidate:
-    """The lowest-peak plan: per component, the option with the least in-call bytes, VAE tricks on."""
+    """The lowest-peak plan: per component, the option with the least in-call bytes, with each VAE setting."""
     best = list(cands)
     for mode in space.modes():
         comps = {}
         for name, comp in profile.components.items():
             options = enumerate_component(name, comp, mode, space)
             comps[name] = min(options, key=lambda p, c=comp: (in_call_weight_bytes(c, p), p.use_stream))
-        tiling = space.allow_lossy and any(c.supports_tiling for c in profile.components.values())
-        slicing = any(c.supports_slicing for c in profile.components.values())
-        choice = Choice(comps, tiling, slicing)
-        best.append(Candidate(choice, estimate(profile, choice, hw)))
+        for tiling, slicing in enumerate_vae(profile, space):
+            choice = Choice(comps, tiling, slicing)
+            best.append(Candidate(choice, estimate(profile, choice, hw)))
     return min(best, key=lambda c: (c.estimate.card_peak_bytes, c.estimate.total_s))
 
 

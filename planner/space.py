@@ -75,9 +75,11 @@ def suggest_component(ask: Asker, name: str, comp: ComponentProfile, mode: str, 
 def suggest_vae(ask: Asker, profile: Profile, space: SearchSpace) -> tuple[bool, bool]:
     """Tiling changes pixels (tiles are blended), so it is a lossy knob; slicing is exact."""
     vaes = [c for c in profile.components.values() if c.role == "vae"]
-    can_tile = space.allow_lossy and any(c.supports_tiling for c in vaes)
+    # offered only where they change the decode for this workload (traced: latents beyond one tile; batch > 1)
+    can_tile = space.allow_lossy and any(c.tiled_activation_peak_bytes is not None for c in vaes)
     tiling = can_tile and ask.suggest_categorical("vae.tiling", [False, True])
-    slicing = any(c.supports_slicing for c in vaes) and ask.suggest_categorical("vae.slicing", [False, True])
+    can_slice = any(c.sliced_activation_peak_bytes is not None for c in vaes)
+    slicing = can_slice and ask.suggest_categorical("vae.slicing", [False, True])
     return bool(tiling), bool(slicing)
 
 
