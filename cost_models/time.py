@@ -1,6 +1,6 @@
 """Seconds per pipeline phase: compute, transfers, overlap — each term carries its equation.
 
-compute(call)  = FLOPs / (peak bf16 FLOP/s * efficiency)            (or a measured time, when calibrated)
+compute(call)  = FLOPs / (peak bf16 FLOP/s * efficiency)   (or the device profile's measured time on that device)
 transfer(x)    = bytes(x) / bandwidth(pinned | pageable | disk)
 no streams:      T_call = compute + sum_g (h2d(g) + d2h(g)) + n_groups * sync   (disk: h2d += read, d2h = 0)
 streams:         T_call = h2d(g_0) + sum_g max(compute(g), h2d(g+1)) + n_groups * sync
@@ -27,6 +27,27 @@ PIN_ON_ONLOAD_USES_PAGEABLE = True
 
 def compute_s(flops: float, hw: HardwareSpec) -> float:
     return flops / (hw.bf16_flops * hw.compute_efficiency)
+
+
+def measured_here(comp: ComponentProfile, hw: HardwareSpec) -> bool:
+    """A device-backend profile's timings price a plan only on that device: a calibrated spec whose source
+    names the device the profile ran on (calibrate() writes "calibrate() on <device name>")."""
+    return bool(comp.measured_call_s is not None and comp.measured_on and hw.calibrated
+                and comp.measured_on in hw.source)
+
+
+def call_compute_s(comp: ComponentProfile, hw: HardwareSpec, flops: float) -> float:
+    """One call's compute: measured when the profile ran on this device (scaled by FLOPs, e.g. for tiling),
+    else FLOPs / (peak * efficiency)."""
+    if measured_here(comp, hw):
+        return comp.measured_call_s * (flops / comp.flops_per_call if comp.flops_per_call else 1.0)
+    return compute_s(flops, hw)
+
+
+def _group_compute_s(comp: ComponentProfile, group, hw: HardwareSpec, scale: float) -> float:
+    if measured_here(comp, hw) and all(u.measured_s is not None for u in group):
+        return scale * sum(u.measured_s for u in group)
+    return compute_s(scale * sum(u.flops for u in group), hw)
 
 
 def _h2d_s(n_bytes: float, plan: ComponentPlan, hw: HardwareSpec) -> float:
@@ -60,21 +81,21 @@ def _group_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec,
     stored = stored_bytes(comp, plan)
     sync = comp.leaf_count * hw.sync_s
     if plan.use_stream:
-        return max(compute_s(flops, hw), _h2d_s(stored, plan, hw)) + sync
-    return compute_s(flops, hw) + _h2d_s(stored, plan, hw) + _d2h_s(stored, plan, hw) + sync
+        return max(call_compute_s(comp, hw, flops), _h2d_s(stored, plan, hw)) + sync
+    return call_compute_s(comp, hw, flops) + _h2d_s(stored, plan, hw) + _d2h_s(stored, plan, hw) + sync
 
 
 def _block_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec, flops: float) -> float:
     groups = block_groups(comp, plan)
     sizes = [sum(unit_bytes(u, plan) for u in g) for g in groups]
     scale = flops / comp.flops_per_call if comp.flops_per_call else 1.0
-    compute = [compute_s(scale * sum(u.flops for u in g), hw) for g in groups]
+    compute = [_group_compute_s(comp, g, hw, scale) for g in groups]
     rest_bytes = stored_bytes(comp, plan) - sum(sizes)
     # the unmatched group is synchronous (no stream, pageable) and moves on every call — from disk too with
     # offload_to_disk; its compute runs outside blocks
     rest_plan = ComponentPlan(offload_to_disk=plan.offload_to_disk)
     head = _h2d_s(rest_bytes, rest_plan, hw) + _d2h_s(rest_bytes, rest_plan, hw)
-    head += compute_s(flops, hw) - sum(compute)
+    head += max(call_compute_s(comp, hw, flops) - sum(compute), 0.0)
     sync = len(groups) * hw.sync_s
     if plan.use_stream:  # T = h2d(g0) + sum_g max(compute(g), h2d(g+1)); offload is a pointer swap
         transfers = [_h2d_s(s, plan, hw) for s in sizes]
@@ -93,14 +114,14 @@ def component_run_s(comp: ComponentProfile, plan: ComponentPlan, choice: Choice,
     flops = _call_flops(comp, choice)
     cast = _fp8_cast_s(comp, plan, hw)
     if plan.strategy == RESIDENT:
-        return calls * (compute_s(flops, hw) + cast)
+        return calls * (call_compute_s(comp, hw, flops) + cast)
     stored = stored_bytes(comp, plan)
     if plan.strategy == MODEL_OFFLOAD:
         once = stored / hw.h2d_pageable_bytes_per_s + stored / hw.d2h_bytes_per_s
-        return once + calls * (compute_s(flops, hw) + cast)
+        return once + calls * (call_compute_s(comp, hw, flops) + cast)
     if plan.strategy == SEQUENTIAL_OFFLOAD:
         per_call = stored / hw.h2d_pageable_bytes_per_s + comp.leaf_count * SEQUENTIAL_HOOK_SYNCS * hw.sync_s
-        return calls * (compute_s(flops, hw) + per_call)
+        return calls * (call_compute_s(comp, hw, flops) + per_call)
     return calls * (_group_call_s(comp, plan, hw, flops) + cast)
 
 

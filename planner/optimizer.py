@@ -31,12 +31,15 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _source(model) -> PipelineSource:
+def _source(model, backend: str = "meta") -> PipelineSource:
     if isinstance(model, PipelineSource):
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_source(model)
-    return from_pipeline(model)
+    if backend not in ("meta", "device"):
+        raise ValueError(f"profile backend {backend!r} is not one of 'meta' (trace weightless twins) and 'device' "
+                         "(run the loaded modules where they are)")
+    return from_pipeline(model, meta=backend == "meta")
 
 
 def _default_device(pipe_like) -> str:
@@ -46,13 +49,13 @@ def _default_device(pipe_like) -> str:
 def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, allow_lossy: bool = True,
              n_trials: int | None = None, seed: int = 0, storage: str | None = None,
-             show_progress_bar: bool = False, **workload) -> Plan:
+             show_progress_bar: bool = False, profile_backend: str = "meta", **workload) -> Plan:
     """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
     vram_bytes = parse_size(vram_budget)
     ram_bytes = parse_size(ram_budget) if ram_budget is not None else available_ram_bytes()
     hw = get_gpu(gpu or _detect_gpu())
     device = _check_device(device or _default_device(model))
-    source = _source(model)
+    source = _source(model, profile_backend)
     work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
     prof = profile(source, work)
     ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
@@ -87,7 +90,7 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
              gpu: str | HardwareSpec | None = None, device: str | None = None, height: int | None = None,
              width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
              batch_size: int = 1, allow_lossy: bool = True, n_trials: int | None = None, seed: int = 0,
-             storage: str | None = None, apply: bool = True) -> Plan:
+             storage: str | None = None, profile_backend: str = "meta", apply: bool = True) -> Plan:
     """Choose the fastest memory plan for `pipe` that fits the budgets, and apply it.
 
     Example:
@@ -106,13 +109,17 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
         allow_lossy: allow fp8 storage of weights (layerwise casting: lossy, cannot be undone in process).
         n_trials, seed, storage: the Optuna study (n_trials None: the search's default, then an exact local
             polish; storage: an RDB URL such as "sqlite:///memplan.db" to persist and share the study).
+        profile_backend: "meta" (default: weightless twins traced on meta, seconds for any size) or "device"
+            (run the loaded modules where they are: measured seconds per call and block, and on CUDA the
+            allocator's own peaks; needs the pipeline on the target device).
         apply: apply the plan to `pipe` before returning it.
 
     Raises:
         ValueError: bad input, named. planner.search.BudgetError: no plan fits; it names the minimum.
     """
     plan = plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
-                    n_trials=n_trials, seed=seed, storage=storage, height=height, width=width,
+                    n_trials=n_trials, seed=seed, storage=storage, profile_backend=profile_backend,
+                    height=height, width=width,
                     num_frames=num_frames, num_inference_steps=num_inference_steps, batch_size=batch_size)
     if apply:
         if isinstance(pipe, (str, os.PathLike, PipelineSource)):

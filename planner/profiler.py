@@ -25,12 +25,12 @@ import torch
 
 from planner.inputs import NoInputsKnown, call_builder
 from planner.sources import PipelineSource, config_hash
-from planner.tracing import CallTrace, block_names, trace_call
+from planner.tracing import CallTrace, block_names, measure_call, trace_call
 from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 # The layers diffusers' group offloading (leaf_level) and layerwise casting act on.
 SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                     torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)
@@ -47,6 +47,7 @@ class Unit:
     n_bytes: int
     fp8_saving_bytes: int  # how many of n_bytes fp8 storage would save
     flops: float = 0.0  # per call
+    measured_s: float | None = None  # per call, device backend only
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class ComponentProfile:
     supports_layerwise_casting: bool = False
     # offload types whose groups would split a tied parameter: disk offload then corrupts it (diffusers 0.42)
     disk_unsafe_offload_types: tuple[str, ...] = ()
+    # device backend: one real call's seconds, and the device it ran on (the cost model uses them on that device)
+    measured_call_s: float | None = None
+    measured_on: str | None = None
 
     @property
     def param_bytes(self) -> int:
@@ -232,8 +236,22 @@ def calls_per_run(role: str, workload: Workload) -> int:
 
 
 def _trace(module, role, workload):
+    """Trace one call; on a real device with the real attention kernels (flash on CUDA and on the CPU)."""
     fn = call_builder(module, role, workload)
-    return trace_call(module, fn)
+    on_meta = next(module.parameters()).device.type == "meta"
+    return trace_call(module, fn, replace_sdpa=on_meta)
+
+
+def _measure(module, role, workload, blocks, unmatched) -> tuple[dict, tuple[Unit, ...], Unit]:
+    """The device backend: time one real call (and its blocks); on CUDA the allocator's peak replaces the
+    traced activation peak, as what the target really allocates (workspaces included)."""
+    with _vae_flags(module, tiling=False, slicing=False) if role == "vae" else contextlib.nullcontext():
+        got = measure_call(module, call_builder(module, role, workload))
+    blocks = tuple(dataclasses.replace(b, measured_s=got.block_s.get(b.name)) for b in blocks)
+    fields = {"measured_call_s": got.call_s, "measured_on": got.device_name}
+    if got.allocator_peak_bytes is not None:
+        fields["activation_peak_bytes"] = got.allocator_peak_bytes
+    return fields, blocks, unmatched
 
 
 def _with_block_flops(blocks, unmatched, trace) -> tuple[tuple[Unit, ...], Unit]:
@@ -312,8 +330,11 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
     except NoInputsKnown as err:
         logger.warning("%s: %s; its activations are not profiled (weights only)", name, err)
         trace, extra = None, {}
+    measured: dict = {}
     if trace is not None:
         blocks, unmatched = _with_block_flops(blocks, unmatched, trace)
+        if next(module.parameters()).device.type != "meta":
+            measured, blocks, unmatched = _measure(module, role, workload, blocks, unmatched)
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
     return ComponentProfile(
         name=name, class_name=type(module).__name__, config_hash=config_hash(module), role=role,
@@ -321,12 +342,12 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
         fp8_saving_bytes=_fp8_saving(layers), block_lists=lists, blocks=blocks, unmatched=unmatched,
         leaf_count=len(leaves), largest_leaf_bytes=max(leaves, default=0), largest_fp8_leaf_bytes=fp8_leaf,
         calls_per_run=calls_per_run(role, workload),
-        activation_peak_bytes=trace.peak_bytes if trace else 0,
+        activation_peak_bytes=measured.pop("activation_peak_bytes", trace.peak_bytes if trace else 0),
         activation_peak_module=trace.peak_module if trace else "",
         flops_per_call=trace.flops if trace else 0.0, activations_known=trace is not None,
         supports_layerwise_casting=layerwise_casting_works(module, role),
         disk_unsafe_offload_types=tuple(t for t in ("block_level", "leaf_level") if tied_weights_split(module, t)),
-        **extra,
+        **{**extra, **measured},
     )
 
 

@@ -15,6 +15,7 @@ same FLOPs (4*B*H*L*S*D).
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -271,3 +272,79 @@ def trace_call(module: torch.nn.Module, fn: Callable[[], object], replace_sdpa: 
         t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
     )
     return mode.trace
+
+
+@dataclass
+class DeviceMeasurement:
+    """One real call on the component's own device: seconds per call and per block, and, on CUDA, the
+    allocator's peak above what was allocated before the call (max_memory_allocated delta)."""
+
+    call_s: float
+    block_s: dict[str, float]
+    allocator_peak_bytes: int | None  # None off CUDA (the CPU has no allocator counters)
+    device_name: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _block_timer(module: torch.nn.Module, device: torch.device):
+    """Yields a dict filled with each block's seconds (synchronising around every block: run it apart from the
+    call timing, which it would slow down)."""
+    times: dict[str, float] = {}
+    starts: dict[str, float] = {}
+    handles = []
+
+    def pre(name):
+        def hook(m, a):
+            _sync(device)
+            starts[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(m, a, o):
+            _sync(device)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - starts[name]
+        return hook
+
+    for name in block_names(module):
+        sub = module.get_submodule(name)
+        handles += [sub.register_forward_pre_hook(pre(name)), sub.register_forward_hook(post(name))]
+    try:
+        yield times
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def measure_call(module: torch.nn.Module, fn: Callable[[], object]) -> DeviceMeasurement:
+    """Run `fn()` for real on the module's device: one warm-up call, one timed call, one call per-block timed."""
+    device = next(module.parameters()).device
+    with torch.no_grad():
+        fn()  # warm-up: kernel selection, lazy allocations
+        peak = None
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        call_s = _timed(fn, device)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - before
+        with _block_timer(module, device) as block_s:
+            fn()
+    return DeviceMeasurement(call_s, dict(block_s), peak, device_name(device))

@@ -115,3 +115,31 @@ def test_disk_offload_is_not_offered_where_it_would_split_tied_weights():
     clip = prof.components["text_encoder"]  # nothing tied: disk is offered at leaf level
     clip_options = enumerate_component("text_encoder", clip, PER_COMPONENT, SearchSpace(allow_disk=True))
     assert any(p.offload_to_disk and p.offload_type == "leaf_level" for p in clip_options)
+
+
+def test_device_backend_measures_real_calls_and_agrees_with_meta():
+    """The device backend runs the real modules (CPU here): its traced activation peaks equal the meta twin's,
+    and it records seconds per call and per block, which price plans only on a spec calibrated on that device."""
+    import dataclasses
+
+    from conftest import build_tiny
+    from cost_models import estimate, get_gpu
+    from planner.sources import from_pipeline
+    from planner.strategy import Choice, ComponentPlan
+    from planner.workload import default_workload
+
+    pipe = build_tiny("flux")
+    work = default_workload("FluxPipeline", height=64, width=64, num_inference_steps=3, max_sequence_length=16)
+    meta, device = profile(from_pipeline(pipe), work), profile(from_pipeline(pipe, meta=False), work)
+    assert (meta.backend, device.backend) == ("meta", "device")
+    for name, comp in device.components.items():
+        assert comp.activation_peak_bytes == meta.components[name].activation_peak_bytes
+        assert comp.measured_call_s > 0 and comp.measured_on == "cpu"
+        assert all(b.measured_s > 0 for b in comp.blocks)
+    resident = Choice({n: ComponentPlan() for n in device.components})
+    table = get_gpu("rtx-4090")
+    here = dataclasses.replace(table, calibrated=True, source="calibrate() on cpu")
+    denoiser = device.components["transformer"]
+    assert estimate(device, resident, here).phase_s["denoise"] == pytest.approx(3 * denoiser.measured_call_s)
+    flop_based = 3 * denoiser.flops_per_call / (table.bf16_flops * table.compute_efficiency)
+    assert estimate(device, resident, table).phase_s["denoise"] == pytest.approx(flop_based)
