@@ -26,13 +26,24 @@ def stored_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
     return comp.total_bytes - (comp.fp8_saving_bytes if plan.fp8 else 0)
 
 
+def kept_blocks(comp: ComponentProfile, plan: ComponentPlan) -> tuple[Unit, ...]:
+    """Partial residency: the first `resident_blocks` blocks in call order stay on the device (priced only)."""
+    return comp.blocks[:plan.resident_blocks] if plan.offload_type == BLOCK_LEVEL else ()
+
+
+def kept_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
+    return sum(unit_bytes(u, plan) for u in kept_blocks(comp, plan))
+
+
 def block_groups(comp: ComponentProfile, plan: ComponentPlan) -> list[list[Unit]]:
-    """diffusers' block_level groups: each ModuleList chunked by num_blocks_per_group, in call order."""
+    """diffusers' block_level groups: each ModuleList chunked by num_blocks_per_group, in call order
+    (blocks kept resident by partial residency are left out of the groups)."""
     n = plan.num_blocks_per_group or 1
+    kept = {u.name for u in kept_blocks(comp, plan)}
     groups: list[list[Unit]] = []
-    for list_name, length in comp.block_lists.items():
-        units = [b for b in comp.blocks if b.name.split(".")[0] == list_name]
-        groups.extend(units[i:i + n] for i in range(0, length, n))
+    for list_name in comp.block_lists:
+        units = [b for b in comp.blocks if b.name.split(".")[0] == list_name and b.name not in kept]
+        groups.extend(units[i:i + n] for i in range(0, len(units), n))
     return groups
 
 
@@ -60,7 +71,9 @@ def groups_in_flight(plan: ComponentPlan) -> int:
 
 def resident_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
     """Bytes on the device for the whole pipeline call, whatever runs."""
-    return stored_bytes(comp, plan) if plan.strategy == RESIDENT else 0
+    if plan.strategy == RESIDENT:
+        return stored_bytes(comp, plan)
+    return kept_bytes(comp, plan) if plan.strategy == GROUP_OFFLOAD else 0
 
 
 def in_call_weight_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
@@ -71,7 +84,7 @@ def in_call_weight_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
         weights = comp.largest_leaf_bytes
     elif plan.offload_type == BLOCK_LEVEL:
         unmatched = unit_bytes(comp.unmatched, plan)  # onloaded for the whole forward
-        weights = unmatched + groups_in_flight(plan) * _largest_group_bytes(comp, plan)
+        weights = unmatched + kept_bytes(comp, plan) + groups_in_flight(plan) * _largest_group_bytes(comp, plan)
     else:  # leaf_level: one leaf (+ prefetched ones) at a time
         weights = groups_in_flight(plan) * _largest_group_bytes(comp, plan)
     upcast = comp.largest_fp8_leaf_bytes if plan.fp8 else 0  # the layer being computed, cast up
@@ -117,7 +130,7 @@ def host_ram_bytes(comps: dict[str, ComponentProfile], choice: Choice) -> int:
         plan = choice.components[name]
         if not plan.offloaded:
             continue
-        stored = stored_bytes(comp, plan)
+        stored = stored_bytes(comp, plan) - kept_bytes(comp, plan)  # kept blocks live on the device
         if plan.offload_to_disk:
             held += _largest_group_bytes(comp, plan) * groups_in_flight(plan)
             continue

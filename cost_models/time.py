@@ -10,7 +10,7 @@ model offload:   T_run  = calls * compute + h2d(component) + d2h(component)   (o
 from __future__ import annotations
 
 from cost_models.hardware import HardwareSpec
-from cost_models.memory import PHASES, block_groups, stored_bytes, unit_bytes
+from cost_models.memory import PHASES, block_groups, kept_bytes, stored_bytes, unit_bytes
 from planner.profiler import ComponentProfile
 from planner.strategy import BLOCK_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice, ComponentPlan
 
@@ -90,7 +90,7 @@ def _block_call_s(comp: ComponentProfile, plan: ComponentPlan, hw: HardwareSpec,
     sizes = [sum(unit_bytes(u, plan) for u in g) for g in groups]
     scale = flops / comp.flops_per_call if comp.flops_per_call else 1.0
     compute = [_group_compute_s(comp, g, hw, scale) for g in groups]
-    rest_bytes = stored_bytes(comp, plan) - sum(sizes)
+    rest_bytes = stored_bytes(comp, plan) - sum(sizes) - kept_bytes(comp, plan)  # kept blocks never move
     # the unmatched group is synchronous (no stream, pageable) and moves on every call — from disk too with
     # offload_to_disk; its compute runs outside blocks
     rest_plan = ComponentPlan(offload_to_disk=plan.offload_to_disk)

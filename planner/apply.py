@@ -53,6 +53,9 @@ def validate_plan(plan, pipe, device: str) -> None:
 
 
 def _check_component(name: str, module: torch.nn.Module, cplan: ComponentPlan) -> None:
+    if cplan.resident_blocks:
+        raise PlanError(f"{name}: resident_blocks (partial residency) is priced by `memplan estimate` but not applied "
+                        "yet: diffusers' group offloading has no per-block opt-out; set it to 0")
     if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
         raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
                         "enable_layerwise_casting); set its storage_dtype to null")

@@ -33,6 +33,9 @@ class ComponentPlan:
     low_cpu_mem_usage: bool = False
     offload_to_disk: bool = False
     storage_dtype: str | None = None  # None: the compute dtype; else an fp8 dtype for layerwise casting
+    # Partial residency: the first k blocks (call order) stay on the device, the rest are offloaded. Priced by
+    # the cost model; not applied yet (diffusers' group offloading has no per-block opt-out), so never searched.
+    resident_blocks: int = 0
 
     @property
     def fp8(self) -> bool:
@@ -55,7 +58,8 @@ class ComponentPlan:
         if self.strategy == GROUP_OFFLOAD:
             self._validate_group(name)
         elif self != ComponentPlan(self.strategy, storage_dtype=self.storage_dtype):
-            raise PlanError(f"{name}: offload_type/num_blocks_per_group/streams/disk apply only to group_offload")
+            raise PlanError(f"{name}: offload_type/num_blocks_per_group/streams/disk/resident_blocks apply only to "
+                            "group_offload")
 
     def _validate_group(self, name: str) -> None:
         if self.offload_type not in (BLOCK_LEVEL, LEAF_LEVEL):
@@ -68,6 +72,10 @@ class ComponentPlan:
                 raise PlanError(f"{name}: block_level needs num_blocks_per_group >= 1, got {n!r}")
             if self.use_stream and n != 1:
                 raise PlanError(f"{name}: use_stream requires num_blocks_per_group=1 (diffusers would rewrite {n} to 1)")
+        if not isinstance(self.resident_blocks, int) or isinstance(self.resident_blocks, bool) or self.resident_blocks < 0:
+            raise PlanError(f"{name}: resident_blocks must be an int >= 0, got {self.resident_blocks!r}")
+        if self.resident_blocks and self.offload_type != BLOCK_LEVEL:
+            raise PlanError(f"{name}: resident_blocks applies only to block_level group offloading")
         if self.record_stream and not self.use_stream:
             raise PlanError(f"{name}: record_stream requires use_stream=True")
         if self.low_cpu_mem_usage and not self.use_stream:

@@ -631,3 +631,33 @@ def test_calibrate_on_this_gpu():
     assert spec.calibrated and 0 < spec.compute_efficiency <= 1
     assert spec.h2d_pinned_bytes_per_s > spec.h2d_pageable_bytes_per_s * 0.5
     assert 0 < spec.context_bytes < 4 * 2**30
+
+
+def test_partial_residency_keeps_the_first_blocks_on_the_device():
+    # keep double.0 and double.1 (200 MB) resident, stream the three 60 MB blocks one by one (n=1, no streams)
+    kept = choice(block(1, resident_blocks=2))
+    # encode: text encoder 80 + vae 40 + kept 200 + activation 5 = 325
+    # denoise: others 120 + (unmatched 30 + kept 200 + one 60 MB group) + activation 50 = 460
+    # decode: 80 + 40 + 200 + activation 120 = 440
+    assert peaks_mb(synthetic(), kept) == {"encode": 325, "denoise": 460, "decode": 440}
+    # host RAM: only the offloaded part of the transformer, 410 - 200 = 210 MB
+    assert estimate(synthetic(), kept, HW).host_ram_bytes == 210 * MB
+    # per call: unmatched in + out 0.0042; compute outside the groups 0.15 - 3 x 0.02 = 0.09;
+    # groups: compute 0.06, 3 x (60 MB in 0.006 + out 0.0024) = 0.0252, 3 syncs 0.003  -> 0.1824
+    assert seconds(kept)["denoise"] == pytest.approx(4 * 0.1824)
+
+
+def test_partial_residency_is_priced_but_not_applied():
+    from planner.strategy import PlanError
+
+    with pytest.raises(PlanError, match="resident_blocks applies only to block_level"):
+        leaf(resident_blocks=1).validate("transformer")
+    from conftest import build_tiny
+    from planner.plan import Plan
+
+    pipe = build_tiny("flux")
+    comps = {n: ComponentPlan() for n in ("vae", "text_encoder", "text_encoder_2")}
+    comps["transformer"] = block(1, resident_blocks=1)
+    plan = Plan("FluxPipeline", {n: {} for n in comps}, Choice(comps), None, device="cpu")
+    with pytest.raises(PlanError, match="priced by `memplan estimate` but not applied"):
+        plan.apply(pipe)
