@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from benchmarks.scenarios import OPTIMIZE, REFERENCE_PLANS, TINY_PIPELINES, Scenario
+from planner.sources import from_pipeline
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,
                               Choice, ComponentPlan, PlanError)
 
@@ -237,7 +238,6 @@ def make_plan(scenario: Scenario, pipe):
     from planner.optimizer import available_ram_bytes, plan_for
     from planner.plan import Plan
     from planner.profiler import profile
-    from planner.sources import from_pipeline
     from planner.units import parse_size
     from planner.workload import Workload, default_workload
 
@@ -246,7 +246,7 @@ def make_plan(scenario: Scenario, pipe):
     if scenario.plan == OPTIMIZE:
         return plan_for(pipe, scenario.budget_bytes, ram_budget=ram, gpu=hw, device=scenario.device,
                         allow_lossy=scenario.allow_lossy, n_trials=scenario.n_trials, seed=scenario.seed,
-                        **_workload(scenario, pipe))
+                        storage=scenario.storage, **_workload(scenario, pipe))
     source = from_pipeline(pipe)
     if scenario.plan in REFERENCE_PLANS:
         work = default_workload(source.pipeline_class, **_workload(scenario, pipe))
@@ -285,7 +285,6 @@ def compare_prices(pipe, plan, gpu: str) -> dict:
     """The plan's choice priced for another GPU spec (cmp_* columns), e.g. the table entry beside a calibration."""
     from cost_models import estimate, get_gpu
     from planner.profiler import profile
-    from planner.sources import from_pipeline
     from planner.workload import Workload
 
     est = estimate(profile(from_pipeline(pipe), Workload.from_dict(plan.workload)), plan.choice, get_gpu(gpu))
@@ -539,6 +538,7 @@ def run_scenario(scenario: Scenario, cache: PipelineCache | None = None) -> dict
     if scenario.needs_cuda and not cuda:
         return {**row, "status": "skipped", "message": f"{scenario.plan} needs CUDA; device is {scenario.device}"}
     ok = fp8 = False
+    plan = planned = None
     try:
         t = time.perf_counter()
         pipe = cache.get(scenario)
@@ -550,6 +550,7 @@ def run_scenario(scenario: Scenario, cache: PipelineCache | None = None) -> dict
         if scenario.compare_gpu:
             row.update(compare_prices(pipe, plan, scenario.compare_gpu))  # before apply: fp8 changes dtypes
         row["budget_met_pred"] = row.get("pred_card_peak_bytes", 0) <= scenario.budget_bytes
+        planned = from_pipeline(pipe) if scenario.storage and plan.search else None  # before fp8 changes dtypes
         t = time.perf_counter()
         plan.apply(pipe, scenario.device)  # weights move off the device before the budget is imposed
         row["apply_s"] = time.perf_counter() - t
@@ -565,7 +566,19 @@ def run_scenario(scenario: Scenario, cache: PipelineCache | None = None) -> dict
         row["budget_met"] = False if row["status"] == "oom" else None
     finally:
         cache.release(ok, fp8)
+    if planned is not None:
+        _record(row, plan, planned, scenario.storage)
     return row
+
+
+def _record(row: dict, plan, planned, storage: str) -> None:
+    """Put the measured run (or its failure, OOM included) into the study the plan came from."""
+    from planner.optimizer import record_run
+
+    failed = row["status"] != "ok"
+    record_run(plan, planned, storage, measured_s=None if failed else row.get("meas_total_s"), failed=failed,
+               peak_bytes=row.get("meas_card_peak_bytes"))
+    row["recorded_in"] = storage
 
 
 def run_scenarios(scenarios: list[Scenario], out: str | Path | None = None, *, time_limit_s: float | None = None,

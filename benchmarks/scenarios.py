@@ -54,6 +54,7 @@ class Scenario:
     gpu_overrides: dict = field(default_factory=dict)
     seed: int = 0
     compare_gpu: str | None = None  # also price the plan for this spec (e.g. the table entry beside a calibration)
+    storage: str | None = None  # Optuna RDB URL: optimize there, and record the measured run (or failure) there
 
     def __post_init__(self) -> None:
         if not self.name or not self.pipeline:

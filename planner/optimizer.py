@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -10,11 +11,11 @@ import torch
 from cost_models import HardwareSpec, get_gpu
 from planner.plan import Alternative, Plan
 from planner.profiler import Profile, profile
-from planner.search import Budgets, search
+from planner.search import Budgets, record_measurement, search, study_name
 from planner.sources import PipelineSource, from_pipeline, load_source
 from planner.space import SearchSpace
 from planner.units import parse_size
-from planner.workload import default_workload
+from planner.workload import Workload, default_workload
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,12 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     prof = profile(source, work)
     ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
     space = SearchSpace(cuda=torch.device(device).type == "cuda", allow_lossy=allow_lossy, allow_disk=ram_short)
-    result = search(prof, hw, Budgets(vram_bytes, ram_bytes), space=space, n_trials=n_trials, seed=seed,
-                    storage=storage, show_progress_bar=show_progress_bar)
-    return _make_plan(prof, source, result, hw, device, Budgets(vram_bytes, ram_bytes))
+    budgets = Budgets(vram_bytes, ram_bytes)
+    result = search(prof, hw, budgets, space=space, n_trials=n_trials, seed=seed, storage=storage,
+                    show_progress_bar=show_progress_bar)
+    plan = _make_plan(prof, source, result, hw, device, budgets)
+    return dataclasses.replace(plan, search={"study_name": study_name(prof, hw, budgets, space),
+                                             "space": dataclasses.asdict(space)})
 
 
 def _make_plan(prof: Profile, source: PipelineSource, result, hw: HardwareSpec, device: str, budgets: Budgets) -> Plan:
@@ -126,3 +130,17 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
             raise ValueError("apply=True needs a loaded pipeline; pass apply=False to plan for a zoo name or folder")
         plan.apply(pipe)
     return plan
+
+
+def record_run(plan: Plan, pipe, storage: str, *, measured_s: float | None, failed: bool,
+               peak_bytes: int | None = None) -> None:
+    """Record a measured run of `plan` (made by plan_for/optimize with `storage`) in that Optuna storage, so later
+    planning for the same model, workload, GPU and budgets sees it; failures (OOM) are recorded as FAIL trials
+    and never proposed again. `pipe` is the pipeline as it was planned, or `from_pipeline(pipe)` taken before
+    applying (an fp8 plan changes the weights' dtypes, and with them the profile the study was made from)."""
+    if not plan.search:
+        raise ValueError("the plan carries no study (it was not made by plan_for/optimize): nothing to record into")
+    source = _source(pipe)
+    prof = profile(source, Workload.from_dict(plan.workload))
+    record_measurement(storage, plan.search["study_name"], plan.choice, prof, SearchSpace(**plan.search["space"]),
+                       measured_s=measured_s, failed=failed, peak_bytes=peak_bytes)

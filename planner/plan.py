@@ -56,6 +56,7 @@ class Plan:
     hardware: dict = field(default_factory=dict)
     device: str = "cuda"
     alternatives: tuple[Alternative, ...] = ()
+    search: dict = field(default_factory=dict)  # {"study_name", "space"}: where measurements of it are recorded
     versions: dict[str, str] = field(default_factory=_versions)
     schema_version: int = SCHEMA_VERSION
 

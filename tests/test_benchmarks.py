@@ -187,3 +187,17 @@ def test_report_draws_cuda_measurements(smoke_rows, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in fake))
     text = write_report(path, tmp_path / "report.html").read_text()
     assert text.count(PNG) == 3 and "meas card" in text and "err peak %" in text
+
+
+def test_measured_run_is_recorded_in_the_study_it_was_planned_in(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'runs.db'}"
+    scenario = Scenario("tiny-flux-stored", "tiny-flux", budget="400kB", workload=dict(TINY_WORKLOAD,
+                        max_sequence_length=16), gpu_overrides=BARE, n_trials=20, storage=storage)
+    row = run_scenario(scenario)
+    assert row["status"] == "ok" and row["recorded_in"] == storage
+    (summary,) = optuna.get_all_study_summaries(storage)
+    measured = [t for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials
+                if t.user_attrs.get("measured")]
+    assert len(measured) == 1 and measured[0].value == pytest.approx(row["meas_total_s"])
