@@ -169,7 +169,6 @@ def _copy_rates(dev: torch.device) -> dict[str, float]:
         "d2h_bytes_per_s": n / _best_s(lambda: on_device.to("cpu"), dev),
         "mem_bytes_per_s": 2 * n / _best_s(lambda: other.copy_(on_device), dev),  # each byte read and written
     }
-    del pinned, pageable, on_device, other
     return rates
 
 

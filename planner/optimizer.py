@@ -43,7 +43,7 @@ def _source(model, backend: str = "meta") -> PipelineSource:
     return from_pipeline(model, meta=backend == "meta")
 
 
-def _default_device(pipe_like) -> str:
+def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -54,8 +54,8 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
     vram_bytes = parse_size(vram_budget)
     ram_bytes = parse_size(ram_budget) if ram_budget is not None else available_ram_bytes()
-    hw = get_gpu(gpu or _detect_gpu())
-    device = _check_device(device or _default_device(model))
+    hw = get_gpu(gpu) if gpu is not None else _detect_gpu()
+    device = _check_device(device or _default_device())
     source = _source(model, profile_backend)
     work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
     prof = profile(source, work)
@@ -64,18 +64,17 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     budgets = Budgets(vram_bytes, ram_bytes)
     result = search(prof, hw, budgets, space=space, n_trials=n_trials, seed=seed, storage=storage,
                     show_progress_bar=show_progress_bar)
-    plan = _make_plan(prof, source, result, hw, device, budgets)
-    return dataclasses.replace(plan, search={"study_name": study_name(prof, hw, budgets, space),
-                                             "space": dataclasses.asdict(space)})
+    return _make_plan(prof, result, hw, device, budgets, space)
 
 
-def _make_plan(prof: Profile, source: PipelineSource, result, hw: HardwareSpec, device: str, budgets: Budgets) -> Plan:
+def _make_plan(prof: Profile, result, hw: HardwareSpec, device: str, budgets: Budgets, space: SearchSpace) -> Plan:
     comps = {n: {"class": c.class_name, "config_hash": c.config_hash} for n, c in prof.components.items()}
     alternatives = tuple(Alternative(c.choice, c.estimate) for c in result.pareto)
-    return Plan(pipeline_class=source.pipeline_class, components=comps, choice=result.best.choice,
+    return Plan(pipeline_class=prof.pipeline_class, components=comps, choice=result.best.choice,
                 predicted=result.best.estimate, workload=prof.workload.to_dict(),
                 budgets={"vram_bytes": budgets.vram_bytes, "ram_bytes": budgets.ram_bytes},
-                hardware=hw.to_dict(), device=device, alternatives=alternatives)
+                hardware=hw.to_dict(), device=device, alternatives=alternatives,
+                search={"study_name": study_name(prof, hw, budgets, space), "space": dataclasses.asdict(space)})
 
 
 def _check_device(device: str) -> str:
@@ -85,9 +84,18 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _detect_gpu() -> str:
-    raise ValueError("no target GPU given: pass gpu='rtx-4090' (see `memplan gpus`) or gpu='my-gpu.json' "
-                     "(from calibrate())")
+def _detect_gpu() -> HardwareSpec:
+    """The table entry of this machine's CUDA GPU; without one (or an unknown card) the user must name it."""
+    if torch.cuda.is_available():
+        from cost_models.calibrate import table_entry
+
+        name = torch.cuda.get_device_name()
+        spec = table_entry(name, torch.cuda.get_device_properties(0).total_memory)
+        if spec is not None:
+            logger.info("target GPU: %s (table entry %s)", name, spec.name)
+            return spec
+    raise ValueError("no target GPU given (and none recognised on this machine): pass gpu='rtx-4090' (see "
+                     "`memplan gpus`) or gpu='my-gpu.json' (from calibrate())")
 
 
 def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | None = None,

@@ -1,6 +1,5 @@
 """optimize() end to end on tiny real pipelines, on CPU: profile, search, apply, run, compare outputs."""
 
-import dataclasses
 
 import pytest
 import torch
