@@ -28,7 +28,6 @@ import pandas as pd  # noqa: E402
 logger = logging.getLogger(__name__)
 
 PHASE_ORDER = ("encode", "denoise", "decode")
-STATUS_MARKERS = {"ok": "o", "oom": "X", "planned": "o"}
 
 
 # ---------------------------------------------------------------- input

@@ -76,11 +76,6 @@ class HardwareSpec:
         if not 0 <= self.context_bytes < self.vram_bytes:
             raise ValueError(f"HardwareSpec {self.name!r}: context_bytes must be in [0, vram_bytes)")
 
-    @property
-    def usable_vram_bytes(self) -> int:
-        """VRAM the torch allocator can hand out: the card minus what the CUDA context holds."""
-        return self.vram_bytes - self.context_bytes
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -90,11 +90,6 @@ def suggest_choice(ask: Asker, profile: Profile, space: SearchSpace) -> Choice:
     return Choice(comps, tiling, slicing)
 
 
-def choice_params(choice: Choice, profile: Profile, space: SearchSpace) -> dict:
-    """The Optuna params that make `suggest_choice` return `choice` (for enqueue_trial)."""
-    return choice_trial_params(choice, profile, space)[0]
-
-
 def choice_trial_params(choice: Choice, profile: Profile, space: SearchSpace) -> tuple[dict, dict]:
     """The Optuna params and their distributions for `choice` (for `optuna.trial.create_trial`).
 
