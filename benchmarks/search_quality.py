@@ -18,6 +18,7 @@ re-priced with `estimate()` so a cost-model change that breaks the decomposition
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import statistics
@@ -27,11 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cost_models import HardwareSpec, estimate, get_gpu
-from cost_models.memory import (PHASES, _largest_group_bytes, activation_bytes, groups_in_flight, in_call_weight_bytes,
-                                resident_bytes, stored_bytes)
-from cost_models.time import component_run_s
 from planner.profiler import ComponentProfile, Profile, profile
-from planner.search import BudgetError, Budgets, Candidate, search
+from planner.search import BudgetError, Budgets, Candidate, _terms, search
 from planner.sources import load_source, zoo_names
 from planner.space import SearchSpace, enumerate_component, enumerate_vae
 from planner.strategy import Choice, ComponentPlan
@@ -54,28 +52,10 @@ class Scenario:
 
 # ---------------------------------------------------------------- exact optimum
 
-def _host_terms(comp: ComponentProfile, plan: ComponentPlan) -> tuple[int, int]:
-    """(held, setup_extra) of one component, as `host_ram_bytes` sums and maxes them."""
-    if not plan.offloaded:
-        return 0, 0
-    if plan.offload_to_disk:
-        return _largest_group_bytes(comp, plan) * groups_in_flight(plan), 0
-    stored = stored_bytes(comp, plan)
-    if plan.use_stream and not plan.low_cpu_mem_usage:
-        return stored, stored
-    if plan.use_stream:
-        return stored, groups_in_flight(plan) * _largest_group_bytes(comp, plan)
-    return stored, 0
-
-
 def option_terms(comp: ComponentProfile, plan: ComponentPlan, flags: Choice, hw: HardwareSpec) -> tuple:
-    """(r, c - r, h, e, s) of one option; `flags` carries only the VAE tiling/slicing."""
-    r = resident_bytes(comp, plan)
-    running = PHASES.get(comp.role) is not None and comp.calls_per_run > 0
-    c = in_call_weight_bytes(comp, plan) + activation_bytes(comp, flags) if running else r
-    h, e = _host_terms(comp, plan)
-    s = component_run_s(comp, plan, flags, hw) if PHASES.get(comp.role) is not None else 0.0
-    return r, c - r, h, e, s
+    """(r, c - r, h, e, s) of one option (the polish's per-component terms); `flags` carries only the VAE
+    tiling/slicing."""
+    return dataclasses.astuple(_terms(comp, plan, flags, hw))
 
 
 def pareto_prune(options: list[ComponentPlan], terms: list[tuple]) -> tuple[list[ComponentPlan], np.ndarray]:

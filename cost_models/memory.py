@@ -119,24 +119,27 @@ def phase_peaks(comps: dict[str, ComponentProfile], choice: Choice) -> dict[str,
     return peaks or {"idle": base}
 
 
+def host_terms(comp: ComponentProfile, plan: ComponentPlan) -> tuple[int, int]:
+    """(held, setup_extra) of one component: the host RAM its offloaded weights hold, and what it needs on top
+    for a moment at setup (see host_ram_bytes)."""
+    if not plan.offloaded:
+        return 0, 0
+    if plan.offload_to_disk:  # only the groups being moved pass through host RAM
+        return _largest_group_bytes(comp, plan) * groups_in_flight(plan), 0
+    stored = stored_bytes(comp, plan) - kept_bytes(comp, plan)  # kept blocks live on the device
+    if plan.use_stream and not plan.low_cpu_mem_usage:
+        return stored, stored
+    if plan.use_stream:  # pinned on each onload: one group's temporary pinned copy
+        return stored, groups_in_flight(plan) * _largest_group_bytes(comp, plan)
+    return stored, 0
+
+
 def host_ram_bytes(comps: dict[str, ComponentProfile], choice: Choice) -> int:
-    """Host RAM holding offloaded weights, at its peak.
+    """Host RAM holding offloaded weights, at its peak: sum held + max setup_extra (components are set up one at
+    a time).
 
     Offloaded weights live on the CPU (disk offload: only the group being moved). With streams and
     low_cpu_mem_usage=False, diffusers pins a copy of every offloaded tensor at setup while the original is
     still referenced, so that component briefly needs twice its bytes (the diffusers docs' "~2x")."""
-    held, setup_extra = 0, 0
-    for name, comp in comps.items():
-        plan = choice.components[name]
-        if not plan.offloaded:
-            continue
-        stored = stored_bytes(comp, plan) - kept_bytes(comp, plan)  # kept blocks live on the device
-        if plan.offload_to_disk:
-            held += _largest_group_bytes(comp, plan) * groups_in_flight(plan)
-            continue
-        held += stored
-        if plan.use_stream and not plan.low_cpu_mem_usage:
-            setup_extra = max(setup_extra, stored)
-        elif plan.use_stream:  # pinned on each onload: one group's temporary pinned copy
-            setup_extra = max(setup_extra, groups_in_flight(plan) * _largest_group_bytes(comp, plan))
-    return held + setup_extra
+    terms = [host_terms(comp, choice.components[name]) for name, comp in comps.items()]
+    return sum(held for held, _ in terms) + max((extra for _, extra in terms), default=0)

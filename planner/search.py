@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import optuna
 
 from cost_models import Estimate, HardwareSpec, card_bytes, estimate
-from cost_models.memory import PHASES, activation_bytes, host_ram_bytes, in_call_weight_bytes, resident_bytes
+from cost_models.memory import PHASES, activation_bytes, host_terms, in_call_weight_bytes, resident_bytes
 from cost_models.time import component_run_s
 from planner.profiler import ComponentProfile, Profile
 from planner.space import (PER_COMPONENT, SearchSpace, choice_trial_params, enumerate_component,
@@ -182,11 +182,9 @@ def _terms(comp: ComponentProfile, plan: ComponentPlan, flags: Choice, hw: Hardw
     runs = PHASES.get(comp.role) is not None and comp.calls_per_run > 0
     resident = resident_bytes(comp, plan)
     excess = in_call_weight_bytes(comp, plan) + activation_bytes(comp, flags) - resident if runs else 0
-    # host = sum held + max extra: one copy of the component gives held + extra, two copies 2 held + extra
-    one = host_ram_bytes({"a": comp}, Choice({"a": plan}))
-    two = host_ram_bytes({"a": comp, "b": comp}, Choice({"a": plan, "b": plan}))
+    held, extra = host_terms(comp, plan)
     seconds = component_run_s(comp, plan, flags, hw) if PHASES.get(comp.role) is not None else 0.0
-    return _Terms(resident, excess, two - one, 2 * one - two, seconds)
+    return _Terms(resident, excess, held, extra, seconds)
 
 
 def _prune(options: list[ComponentPlan], terms: list[_Terms]) -> list[tuple[ComponentPlan, _Terms]]:
@@ -221,14 +219,14 @@ def _polish(profile: Profile, hw: HardwareSpec, budgets: Budgets, space: SearchS
             move_size: int) -> tuple[tuple, Choice]:
     mode, score = _mode(start), _scorer(hw, budgets)
     best: tuple | None = None
+    options = {n: enumerate_component(n, c, mode, space) for n, c in profile.components.items()}
+    for name, opts in options.items():
+        if start.components[name] not in opts:
+            opts.append(start.components[name])  # a start from another version of the space
     for tiling, slicing in enumerate_vae(profile, space):
         flags = Choice({}, tiling, slicing)
-        axes = []
-        for name, comp in profile.components.items():
-            options = enumerate_component(name, comp, mode, space)
-            if start.components[name] not in options:
-                options.append(start.components[name])  # a start from another version of the space
-            axes.append(_prune(options, [_terms(comp, p, flags, hw) for p in options]))
+        axes = [_prune(opts, [_terms(profile.components[n], p, flags, hw) for p in opts])
+                for n, opts in options.items()]
         current = [_start_index(axis, _terms(profile.components[n], start.components[n], flags, hw))
                    for n, axis in zip(profile.components, axes)]
         current, result = _local_search(axes, current, score, move_size)
