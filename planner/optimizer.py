@@ -33,13 +33,13 @@ def available_ram_bytes() -> int:
 
 
 def _source(model, backend: str = "meta") -> PipelineSource:
+    if backend not in ("meta", "device"):
+        raise ValueError(f"profile backend {backend!r} is not one of 'meta' (trace weightless twins) and 'device' "
+                         "(run the loaded modules where they are)")
     if isinstance(model, PipelineSource):
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_source(model)
-    if backend not in ("meta", "device"):
-        raise ValueError(f"profile backend {backend!r} is not one of 'meta' (trace weightless twins) and 'device' "
-                         "(run the loaded modules where they are)")
     return from_pipeline(model, meta=backend == "meta")
 
 
@@ -89,8 +89,9 @@ def _detect_gpu() -> HardwareSpec:
     if torch.cuda.is_available():
         from cost_models.calibrate import table_entry
 
-        name = torch.cuda.get_device_name()
-        spec = table_entry(name, torch.cuda.get_device_properties(0).total_memory)
+        device = torch.cuda.current_device()  # the name and the memory of the same card
+        name = torch.cuda.get_device_name(device)
+        spec = table_entry(name, torch.cuda.get_device_properties(device).total_memory)
         if spec is not None:
             logger.info("target GPU: %s (table entry %s)", name, spec.name)
             return spec
@@ -129,13 +130,13 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
     Raises:
         ValueError: bad input, named. planner.search.BudgetError: no plan fits; it names the minimum.
     """
+    if apply and isinstance(pipe, (str, os.PathLike, PipelineSource)):  # before the search, not after it
+        raise ValueError("apply=True needs a loaded pipeline; pass apply=False to plan for a zoo name or folder")
     plan = plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
                     n_trials=n_trials, seed=seed, storage=storage, profile_backend=profile_backend,
                     height=height, width=width,
                     num_frames=num_frames, num_inference_steps=num_inference_steps, batch_size=batch_size)
     if apply:
-        if isinstance(pipe, (str, os.PathLike, PipelineSource)):
-            raise ValueError("apply=True needs a loaded pipeline; pass apply=False to plan for a zoo name or folder")
         plan.apply(pipe)
     return plan
 

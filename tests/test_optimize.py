@@ -62,3 +62,14 @@ def test_impossible_budget_names_the_minimum(bare_gpu):
     assert info.value.min_card_bytes > 1000
     assert "smallest achievable card peak" in str(info.value)
     assert not hasattr(pipe, "_memplan_plan")  # untouched
+
+
+def test_bad_arguments_are_refused_before_any_work(monkeypatch):
+    """A bad profile backend (for a zoo name too) and apply=True without a loaded pipeline fail before profiling."""
+    import planner.optimizer
+
+    monkeypatch.setattr(planner.optimizer, "profile", lambda *a, **k: pytest.fail("profiled before validating"))
+    with pytest.raises(ValueError, match="profile backend 'gpu' is not one of"):
+        planner.optimizer.plan_for("sd15", "8GB", gpu="rtx-4090", profile_backend="gpu")
+    with pytest.raises(ValueError, match="apply=True needs a loaded pipeline"):
+        optimize("sd15", "8GB", gpu="rtx-4090")
