@@ -25,7 +25,7 @@ import torch
 
 from planner.inputs import NoInputsKnown, call_builder
 from planner.sources import PipelineSource, config_hash
-from planner.tracing import CallTrace, block_names, measure_call, trace_call
+from planner.tracing import CallTrace, block_names, device_name, measure_call, trace_call
 from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def _trace(module, role, workload):
     return trace_call(module, fn, replace_sdpa=on_meta)
 
 
-def _measure(module, role, workload, blocks, unmatched) -> tuple[dict, tuple[Unit, ...], Unit]:
+def _measure(module, role, workload, blocks) -> tuple[dict, tuple[Unit, ...]]:
     """The device backend: time one real call (and its blocks); on CUDA the allocator's peak replaces the
     traced activation peak, as what the target really allocates (workspaces included)."""
     with _vae_flags(module, tiling=False, slicing=False) if role == "vae" else contextlib.nullcontext():
@@ -251,7 +251,7 @@ def _measure(module, role, workload, blocks, unmatched) -> tuple[dict, tuple[Uni
     fields = {"measured_call_s": got.call_s, "measured_on": got.device_name}
     if got.allocator_peak_bytes is not None:
         fields["activation_peak_bytes"] = got.allocator_peak_bytes
-    return fields, blocks, unmatched
+    return fields, blocks
 
 
 def _with_block_flops(blocks, unmatched, trace) -> tuple[tuple[Unit, ...], Unit]:
@@ -334,7 +334,7 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
     if trace is not None:
         blocks, unmatched = _with_block_flops(blocks, unmatched, trace)
         if next(module.parameters()).device.type != "meta":
-            measured, blocks, unmatched = _measure(module, role, workload, blocks, unmatched)
+            measured, blocks = _measure(module, role, workload, blocks)
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
     return ComponentProfile(
         name=name, class_name=type(module).__name__, config_hash=config_hash(module), role=role,
@@ -364,10 +364,17 @@ def _library_versions() -> tuple[str, ...]:
 
 
 def _cache_key(source: PipelineSource, workload: Workload, backend: str) -> str:
-    parts = {n: (config_hash(m), sorted(_bytes_by_dtype(m).items())) for n, m in source.components.items()}
+    parts = {n: _cache_part(m, backend) for n, m in source.components.items()}
     blob = json.dumps([PROFILE_VERSION, _library_versions(), backend, source.pipeline_class, parts,
                        workload.to_dict()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _cache_part(module: torch.nn.Module, backend: str) -> list:
+    part = [config_hash(module), sorted(_bytes_by_dtype(module).items())]
+    if backend == "device":  # measured seconds and allocator peaks hold only for the card they were measured on
+        part.append(device_name(next(module.parameters()).device))
+    return part
 
 
 _MEMORY_CACHE: dict[str, Profile] = {}
@@ -380,10 +387,11 @@ def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = Tru
     `device` backend), which is what a loaded pipeline gets."""
     backend = _backend(source)
     key = _cache_key(source, workload, backend)
-    cached = _MEMORY_CACHE.get(key) or (_read_cache(key) if use_cache else None)
-    if cached is not None and use_cache:
-        _MEMORY_CACHE[key] = cached
-        return cached
+    if use_cache:
+        cached = _MEMORY_CACHE.get(key) or _read_cache(key)
+        if cached is not None:
+            _MEMORY_CACHE[key] = cached
+            return cached
     start = time.perf_counter()
     comps = {n: profile_component(n, m, workload) for n, m in source.components.items()}
     result = Profile(source.pipeline_class, source.name, workload, comps, backend)

@@ -143,3 +143,18 @@ def test_device_backend_measures_real_calls_and_agrees_with_meta():
     assert estimate(device, resident, here).phase_s["denoise"] == pytest.approx(3 * denoiser.measured_call_s)
     flop_based = 3 * denoiser.flops_per_call / (table.bf16_flops * table.compute_efficiency)
     assert estimate(device, resident, table).phase_s["denoise"] == pytest.approx(flop_based)
+
+
+def test_device_profiles_are_cached_per_card(monkeypatch):
+    """A device-backend profile holds one card's measured seconds and allocator peaks: another card (or the CPU)
+    must not get it from the cache. Meta profiles do not depend on the device."""
+    from conftest import build_tiny
+    from planner import profiler
+    from planner.sources import from_pipeline
+
+    pipe, work = build_tiny("sdxl"), Workload(height=32, width=32, num_inference_steps=2)
+    real, twins = from_pipeline(pipe, meta=False), from_pipeline(pipe)
+    cpu_key, meta_key = profiler._cache_key(real, work, "device"), profiler._cache_key(twins, work, "meta")
+    monkeypatch.setattr(profiler, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert profiler._cache_key(real, work, "device") != cpu_key
+    assert profiler._cache_key(twins, work, "meta") == meta_key
