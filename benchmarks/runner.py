@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from benchmarks.scenarios import OPTIMIZE, REFERENCE_PLANS, TINY_PIPELINES, Scenario
+from planner.plan import describe_choice
 from planner.sources import from_pipeline
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,
                               Choice, ComponentPlan, PlanError)
@@ -260,14 +261,6 @@ def make_plan(scenario: Scenario, pipe):
         source.pipeline_class, **_workload(scenario, pipe))
     predicted = estimate(profile(source, work), plan.choice, hw)  # priced for this scenario's GPU
     return dataclasses.replace(plan, predicted=predicted, workload=work.to_dict(), device=scenario.device)
-
-
-def describe_choice(choice: Choice) -> str:
-    from planner.plan import describe_component
-
-    text = "; ".join(f"{n}: {describe_component(choice, n)}" for n in choice.components)
-    flags = [f for f, on in (("vae tiling", choice.vae_tiling), ("vae slicing", choice.vae_slicing)) if on]
-    return text + ("; " + ", ".join(flags) if flags else "")
 
 
 def plan_fields(plan) -> dict:

@@ -165,6 +165,13 @@ def describe_component(choice: Choice, name: str) -> str:
     return text + (f" [{p.storage_dtype}]" if p.fp8 else "")
 
 
+def describe_choice(choice: Choice) -> str:
+    """The whole choice on one line: each component's plan, then the VAE flags that are on."""
+    text = "; ".join(f"{n}: {describe_component(choice, n)}" for n in choice.components)
+    flags = [f for f, on in (("vae tiling", choice.vae_tiling), ("vae slicing", choice.vae_slicing)) if on]
+    return text + ("; " + ", ".join(flags) if flags else "")
+
+
 def describe_estimate(est: Estimate) -> str:
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in est.phase_s.items())
     return (f"predicted: card peak {format_size(est.card_peak_bytes)} (allocator {format_size(est.allocated_peak_bytes)}, "

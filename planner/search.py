@@ -24,6 +24,7 @@ import optuna
 from cost_models import Estimate, HardwareSpec, card_bytes, estimate
 from cost_models.memory import PHASES, activation_bytes, host_terms, in_call_weight_bytes, resident_bytes
 from cost_models.time import component_run_s
+from planner.plan import describe_choice
 from planner.profiler import ComponentProfile, Profile
 from planner.space import (PER_COMPONENT, SearchSpace, choice_trial_params, enumerate_component,
                            enumerate_vae, suggest_choice)
@@ -340,7 +341,7 @@ def _add_classics(study: optuna.Study, profile: Profile, hw: HardwareSpec, budge
         try:
             _add_priced_trial(study, choice, estimate(profile, choice, hw), budgets, profile, space, "classic")
         except ValueError:  # a classic plan this pipeline or space cannot express (e.g. n=4 > its blocks)
-            logger.debug("classic plan not in this space: %s", _describe(choice))
+            logger.debug("classic plan not in this space: %s", describe_choice(choice))
 
 
 def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: SearchSpace = SearchSpace(),
@@ -408,8 +409,8 @@ def _budget_error(profile, hw, budgets, space, cands) -> BudgetError:
     host_lowest = min(cands + [lowest], key=lambda c: c.estimate.host_ram_bytes)
     msg = (f"no plan fits {format_size(budgets.vram_bytes)} of VRAM and {format_size(budgets.ram_bytes)} of host "
            f"RAM: the smallest achievable card peak is {format_size(lowest.estimate.card_peak_bytes)} "
-           f"(host RAM {format_size(lowest.estimate.host_ram_bytes)}) with "
-           f"{_describe(lowest.choice)}; the smallest host RAM is {format_size(host_lowest.estimate.host_ram_bytes)}. "
+           f"(host RAM {format_size(lowest.estimate.host_ram_bytes)}) with {describe_choice(lowest.choice)}; "
+           f"the smallest host RAM is {format_size(host_lowest.estimate.host_ram_bytes)}. "
            "Raise the budget, lower the workload (size, frames, batch), or allow fp8 (allow_lossy=True)")
     return BudgetError(msg, lowest.estimate.card_peak_bytes, host_lowest.estimate.host_ram_bytes, lowest.choice)
 
@@ -428,11 +429,3 @@ def min_memory_candidate(profile: Profile, hw: HardwareSpec, space: SearchSpace,
             best.append(Candidate(choice, estimate(profile, choice, hw)))
     return min(best, key=lambda c: (c.estimate.card_peak_bytes, c.estimate.total_s))
 
-
-def _describe(choice: Choice) -> str:
-    parts = []
-    for name, p in choice.components.items():
-        knob = p.strategy if p.strategy != GROUP_OFFLOAD else f"{p.offload_type}" + (
-            f" n={p.num_blocks_per_group}" if p.num_blocks_per_group else "") + (" +stream" if p.use_stream else "")
-        parts.append(f"{name}: {knob}" + (f" ({p.storage_dtype})" if p.fp8 else ""))
-    return "; ".join(parts)
