@@ -14,9 +14,10 @@ import tempfile
 
 import torch
 
+from planner.inputs import compute_dtype
 from planner.profiler import layerwise_casting_works, role_of, tied_weights_split
 from planner.sources import config_hash
-from planner.strategy import (GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
+from planner.strategy import (FP8_DTYPES, GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
                               ComponentPlan, PlanError)
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
 
 def _fp8_dtype_of(module: torch.nn.Module) -> str | None:
     for p in module.parameters():
-        if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return str(p.dtype).removeprefix("torch.")
+        name = str(p.dtype).removeprefix("torch.")
+        if name in FP8_DTYPES:  # the storage dtypes a plan can name
+            return name
     return None
 
 
@@ -197,12 +199,7 @@ def _apply_storage(module: torch.nn.Module, plan: ComponentPlan) -> None:
         return
     # Irreversible in process: the weights are stored in fp8 from here on (re-casting loses precision).
     module.enable_layerwise_casting(storage_dtype=getattr(torch, plan.storage_dtype),
-                                    compute_dtype=_compute_dtype(module))
-
-
-def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
-    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
-    return max(set(floats), key=floats.count)
+                                    compute_dtype=compute_dtype(module))
 
 
 def _apply_group(module: torch.nn.Module, name: str, plan: ComponentPlan, device: str, offload_dir: str | None) -> None:

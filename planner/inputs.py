@@ -21,11 +21,14 @@ class NoInputsKnown(ValueError):
     """memplan does not know which tensors the pipeline feeds this component class."""
 
 
-def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(module.parameters())
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype most of the module's floating parameters hold (fp32-kept layers aside): what it computes in."""
     floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
-    dtype = max(set(floats), key=floats.count) if floats else param.dtype
-    return param.device, dtype
+    return max(set(floats), key=floats.count) if floats else next(module.parameters()).dtype
+
+
+def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    return next(module.parameters()).device, compute_dtype(module)
 
 
 def _flux(module, w: Workload) -> Callable[[], object]:
