@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.scenarios import OPTIMIZE, REFERENCE_PLANS, TINY_PIPELINES, Scenario
 from planner.plan import describe_choice
-from planner.sources import from_pipeline
+from planner.sources import from_pipeline, instantiate
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,
                               Choice, ComponentPlan, PlanError)
 
@@ -79,7 +79,7 @@ def materialize(module: torch.nn.Module, device: str, seed: int) -> torch.nn.Mod
 
     config, cls = module.config, type(module)
     with init_empty_weights(include_buffers=False):
-        twin = cls(config) if cls.__module__.startswith("transformers") else cls.from_config(config)
+        twin = instantiate(cls, config)
     buffers = dict(twin.named_buffers())
     module.to_empty(device=device)
     gen_device = torch.device(device)

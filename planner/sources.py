@@ -70,9 +70,8 @@ def meta_twin(module: torch.nn.Module) -> torch.nn.Module:
     config = getattr(module, "config", None)
     if config is None:
         raise ValueError(f"{type(module).__name__} has no config to rebuild it from; profile it with meta=False")
-    library = "transformers" if type(module).__module__.startswith("transformers") else "diffusers"
     with torch.device("meta"):
-        twin = type(module).from_config(config) if library == "diffusers" else type(module)(config)
+        twin = instantiate(type(module), config)
     originals = dict([*module.named_parameters(), *module.named_buffers()])
     for name, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
         if name in originals:
@@ -125,13 +124,18 @@ def build_on_meta(library: str, class_name: str, config: dict) -> torch.nn.Modul
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ValueError(f"{library} has no class {class_name!r}; is your {library} too old?")
+    if library == "transformers":
+        config = cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")})
     with torch.device("meta"):
-        if library == "diffusers":
-            model = cls.from_config(config)
-        else:
-            keys = {k: v for k, v in config.items() if not k.startswith("_")}
-            model = cls(cls.config_class(**keys))
-    return model.eval()
+        return instantiate(cls, config).eval()
+
+
+def instantiate(cls: type, config) -> torch.nn.Module:
+    """`cls` built from its config, as each library does it: a diffusers `from_config(dict or FrozenDict)`, a
+    transformers `cls(PretrainedConfig)`. Weights land on the current default device (meta, under a context)."""
+    if cls.__module__.startswith("transformers"):
+        return cls(config)
+    return cls.from_config(config)
 
 
 def config_hash(module: torch.nn.Module) -> str:
