@@ -450,9 +450,14 @@ _VRAM_COLUMNS = ("meas_allocated_peak_bytes", "meas_reserved_peak_bytes", "meas_
                  "meas_phase_peak_bytes", "device_total_bytes")
 
 
-def _cuda_memory(rec: PhaseRecorder) -> dict:
+def _context_and_total_bytes() -> tuple[int, int]:
+    """Device memory the allocator does not hold (CUDA context, kernels, library state), and the card's total."""
     free, total = torch.cuda.mem_get_info()
-    context = max(0, (total - free) - torch.cuda.memory_reserved())
+    return max(0, (total - free) - torch.cuda.memory_reserved()), total
+
+
+def _cuda_memory(rec: PhaseRecorder) -> dict:
+    context, total = _context_and_total_bytes()
     phase_peak: dict[str, int] = {}
     for _, phase, _, _, peak in rec.events:
         phase_peak[phase] = max(phase_peak.get(phase, 0), peak or 0)
@@ -507,8 +512,7 @@ class _MemoryFraction:
         if self.cuda:
             gc.collect()
             torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info()
-            context = max(0, (total - free) - torch.cuda.memory_reserved())
+            context, total = _context_and_total_bytes()
             self.fraction = min(1.0, max(0.0, (self.budget - context) / total))
             torch.cuda.set_per_process_memory_fraction(self.fraction)
         return self
