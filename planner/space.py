@@ -173,21 +173,20 @@ class _Enumerator:
         return True
 
 
+def _every_answer(suggest) -> list:
+    """Every value `suggest(asker)` can return, walking each path of its define-by-run questions once."""
+    walker, answers = _Enumerator(), []
+    while True:
+        answers.append(suggest(walker))
+        if not walker.advance():  # resets the walker's depth for the next path
+            return answers
+
+
 def enumerate_component(name: str, comp: ComponentProfile, mode: str, space: SearchSpace) -> list[ComponentPlan]:
     """Every ComponentPlan `suggest_component` can return for this component in this mode."""
-    walker, plans = _Enumerator(), []
-    while True:
-        walker.depth = 0
-        plans.append(suggest_component(walker, name, comp, mode, space))
-        if not walker.advance():
-            return plans
+    return _every_answer(lambda ask: suggest_component(ask, name, comp, mode, space))
 
 
 def enumerate_vae(profile: Profile, space: SearchSpace) -> list[tuple[bool, bool]]:
     """Every (tiling, slicing) pair `suggest_vae` can return for this pipeline."""
-    walker, flags = _Enumerator(), []
-    while True:
-        walker.depth = 0
-        flags.append(suggest_vae(walker, profile, space))
-        if not walker.advance():
-            return flags
+    return _every_answer(lambda ask: suggest_vae(ask, profile, space))
