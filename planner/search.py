@@ -411,7 +411,8 @@ def _budget_error(profile, hw, budgets, space, cands) -> BudgetError:
            f"RAM: the smallest achievable card peak is {format_size(lowest.estimate.card_peak_bytes)} "
            f"(host RAM {format_size(lowest.estimate.host_ram_bytes)}) with {describe_choice(lowest.choice)}; "
            f"the smallest host RAM is {format_size(host_lowest.estimate.host_ram_bytes)}. "
-           "Raise the budget, lower the workload (size, frames, batch), or allow fp8 (allow_lossy=True)")
+           "Raise the budget or lower the workload (size, frames, batch)"
+           + ("" if space.allow_lossy else ", or allow fp8 and VAE tiling (allow_lossy=True)"))
     return BudgetError(msg, lowest.estimate.card_peak_bytes, host_lowest.estimate.host_ram_bytes, lowest.choice)
 
 

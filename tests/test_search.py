@@ -96,6 +96,13 @@ def test_infeasible_budget_names_the_true_minimum(profiles):
     assert all(err.min_card_bytes <= estimate(prof, c, hw).card_peak_bytes for c in classic_choices(prof, SearchSpace()))
     assert estimate(prof, err.min_choice, hw).card_peak_bytes == err.min_card_bytes
     assert "smallest achievable card peak" in str(err)
+    assert "allow_lossy" not in str(err)  # fp8 and tiling were already searched: not offered as a way out
+
+
+def test_infeasible_lossless_budget_suggests_allowing_lossy_knobs(profiles):
+    with pytest.raises(BudgetError, match=r"or allow fp8 and VAE tiling \(allow_lossy=True\)"):
+        search(profiles["sd15"], get_gpu("rtx-4090"), Budgets(1 * GB, RAM), space=SearchSpace(allow_lossy=False),
+               n_trials=N_TRIALS)
 
 
 def test_polish_walks_an_infeasible_start_into_the_budget(profiles):
