@@ -30,10 +30,11 @@ def compute_s(flops: float, hw: HardwareSpec) -> float:
 
 
 def measured_here(comp: ComponentProfile, hw: HardwareSpec) -> bool:
-    """A device-backend profile's timings price a plan only on that device: a calibrated spec whose source
-    names the device the profile ran on (calibrate() writes "calibrate() on <device name>")."""
+    """A device-backend profile's timings price a plan only on that device: a calibrated spec made on the
+    device the profile ran on (calibrate() writes source "calibrate() on <device name>"; exact match, so an
+    "H100" profile is not priced with an "H100 PCIe" calibration)."""
     return bool(comp.measured_call_s is not None and comp.measured_on and hw.calibrated
-                and comp.measured_on in hw.source)
+                and hw.source == f"calibrate() on {comp.measured_on}")
 
 
 def call_compute_s(comp: ComponentProfile, hw: HardwareSpec, flops: float) -> float:

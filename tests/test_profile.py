@@ -142,6 +142,8 @@ def test_device_backend_measures_real_calls_and_agrees_with_meta():
     assert estimate(device, resident, here).phase_s["denoise"] == pytest.approx(3 * denoiser.measured_call_s)
     flop_based = 3 * denoiser.flops_per_call / (table.bf16_flops * table.compute_efficiency)
     assert estimate(device, resident, table).phase_s["denoise"] == pytest.approx(flop_based)
+    near = dataclasses.replace(table, calibrated=True, source="calibrate() on cpu (another one)")
+    assert estimate(device, resident, near).phase_s["denoise"] == pytest.approx(flop_based)  # exact device only
 
 
 def test_device_profiles_are_cached_per_card(monkeypatch):
