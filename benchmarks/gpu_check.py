@@ -42,23 +42,13 @@ DRY_RUN_TIME_LIMIT_S = 45
 
 
 def detect_gpu() -> str:
-    """The GPU table name of CUDA device 0 ("h100", "h200", ...), by its device name; "h100" if unknown."""
-    from cost_models import GPUS
+    """The GPU table name of CUDA device 0 ("h100", "h200", ...), by calibrate's table matching; "h100" if unknown."""
+    from cost_models.calibrate import table_entry
 
     name = torch.cuda.get_device_name(0)
-    total = torch.cuda.get_device_properties(0).total_memory
-    try:
-        from cost_models.calibrate import table_entry
-
-        entry = table_entry(name, total)
-        if entry is not None:
-            return entry.name
-    except Exception as err:  # calibrate.py is optional (another module); fall back to name matching
-        logger.debug("table_entry unavailable: %s", err)
-    lowered = name.lower()
-    for key in sorted(GPUS, key=len, reverse=True):  # "h100-pcie" before "h100"
-        if all(tok in lowered for tok in key.split("-") if not tok.endswith("gb")):
-            return key
+    entry = table_entry(name, torch.cuda.get_device_properties(0).total_memory)
+    if entry is not None:
+        return entry.name
     logger.warning("GPU %r is not in the table; pricing plans as an h100", name)
     return "h100"
 
