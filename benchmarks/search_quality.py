@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cost_models import HardwareSpec, estimate, get_gpu
-from planner.profiler import ComponentProfile, Profile, profile
+from planner.profile_data import ComponentProfile, Profile
+from planner.profiler import profile
 from planner.search import BudgetError, Budgets, Candidate, _terms, search
 from planner.sources import load_source, zoo_names
 from planner.space import SearchSpace, enumerate_component, enumerate_vae

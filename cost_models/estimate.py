@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cost_models.hardware import HardwareSpec
 from cost_models.memory import host_ram_bytes, phase_peaks
 from cost_models.time import phase_seconds
-from planner.profiler import Profile
+from planner.profile_data import Profile
 from planner.strategy import Choice
 
 

@@ -7,7 +7,7 @@ Phase peak = max over the components called in that phase; the plan's peak = max
 
 from __future__ import annotations
 
-from planner.profiler import ComponentProfile, Unit
+from planner.profile_data import ComponentProfile, Unit
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT,
                               SEQUENTIAL_OFFLOAD, Choice, ComponentPlan)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cost_models.hardware import HardwareSpec
 from cost_models.memory import PHASES, block_groups, kept_bytes, stored_bytes, unit_bytes
-from planner.profiler import ComponentProfile
+from planner.profile_data import ComponentProfile
 from planner.strategy import BLOCK_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice, ComponentPlan
 
 # Bytes of memory traffic per byte saved by fp8 storage on each call, per element of an eligible bf16 layer

@@ -18,7 +18,6 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,104 +25,17 @@ import torch
 from planner.inputs import NoInputsKnown, call_builder
 from planner.sources import PipelineSource, config_hash
 from planner.tracing import CallTrace, block_names, device_name, measure_call, trace_call
+from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit
 from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 5
 # The layers diffusers' group offloading (leaf_level) and layerwise casting act on.
 SUPPORTED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                     torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)
 # diffusers.hooks.layerwise_casting.DEFAULT_SKIP_MODULES_PATTERN (matched with re.search on module FQNs).
 DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 FP8_ELEMENT_BYTES = 1
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A set of weights moved together by group offloading: one block, or the unmatched remainder."""
-
-    name: str
-    n_bytes: int
-    fp8_saving_bytes: int  # how many of n_bytes fp8 storage would save
-    flops: float = 0.0  # per call
-    measured_s: float | None = None  # per call, device backend only
-
-
-@dataclass(frozen=True)
-class ComponentProfile:
-    name: str
-    class_name: str
-    config_hash: str
-    role: str  # text_encoder | denoiser | vae | other
-    param_bytes_by_dtype: dict[str, int]
-    buffer_bytes: int
-    fp8_saving_bytes: int
-    block_lists: dict[str, int]  # ModuleList name -> number of blocks
-    blocks: tuple[Unit, ...]  # in call order
-    unmatched: Unit
-    leaf_count: int
-    largest_leaf_bytes: int
-    largest_fp8_leaf_bytes: int  # compute-dtype bytes of the largest fp8-eligible layer (the upcast buffer)
-    calls_per_run: int
-    activation_peak_bytes: int
-    activation_peak_module: str
-    flops_per_call: float
-    activations_known: bool = True
-    tiled_activation_peak_bytes: int | None = None
-    tiled_flops_per_call: float | None = None
-    sliced_activation_peak_bytes: int | None = None
-    supports_tiling: bool = False
-    supports_slicing: bool = False
-    # diffusers models only: their `.dtype` reports the compute dtype under layerwise casting; transformers
-    # encoders would report fp8 and the pipeline would build its tensors in fp8.
-    supports_layerwise_casting: bool = False
-    # offload types whose groups would split a tied parameter: disk offload then corrupts it (diffusers 0.42)
-    disk_unsafe_offload_types: tuple[str, ...] = ()
-    # device backend: one real call's seconds, and the device it ran on (the cost model uses them on that device)
-    measured_call_s: float | None = None
-    measured_on: str | None = None
-
-    @property
-    def param_bytes(self) -> int:
-        return sum(self.param_bytes_by_dtype.values())
-
-    @property
-    def total_bytes(self) -> int:
-        return self.param_bytes + self.buffer_bytes
-
-    @property
-    def has_blocks(self) -> bool:
-        return bool(self.blocks)
-
-    @property
-    def max_blocks(self) -> int:
-        return max(self.block_lists.values(), default=0)
-
-
-@dataclass(frozen=True)
-class Profile:
-    pipeline_class: str
-    source_name: str
-    workload: Workload
-    components: dict[str, ComponentProfile]
-    backend: str = "meta"
-    version: int = PROFILE_VERSION
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
-        comps = {}
-        for name, c in data["components"].items():
-            c = dict(c)
-            c["blocks"] = tuple(Unit(**u) for u in c["blocks"])
-            c["unmatched"] = Unit(**c["unmatched"])
-            c["disk_unsafe_offload_types"] = tuple(c.get("disk_unsafe_offload_types", ()))
-            comps[name] = ComponentProfile(**c)
-        return cls(data["pipeline_class"], data["source_name"], Workload.from_dict(data["workload"]), comps,
-                   data.get("backend", "meta"), data.get("version", PROFILE_VERSION))
 
 
 # ---------------------------------------------------------------- weights

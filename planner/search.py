@@ -25,7 +25,7 @@ from cost_models import Estimate, HardwareSpec, card_bytes, estimate
 from cost_models.memory import PHASES, activation_bytes, host_terms, in_call_weight_bytes, resident_bytes
 from cost_models.time import component_run_s
 from planner.plan import describe_choice
-from planner.profiler import ComponentProfile, Profile
+from planner.profile_data import ComponentProfile, Profile
 from planner.space import (PER_COMPONENT, SearchSpace, choice_trial_params, enumerate_component,
                            enumerate_vae, suggest_choice)
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,

@@ -11,7 +11,7 @@ from typing import Protocol, Sequence
 
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
-from planner.profiler import ComponentProfile, Profile
+from planner.profile_data import ComponentProfile, Profile
 from planner.strategy import (BLOCK_LEVEL, FP8_DTYPES, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT,
                               SEQUENTIAL_OFFLOAD, Choice, ComponentPlan)
 

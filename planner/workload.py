@@ -6,8 +6,6 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
@@ -30,7 +28,10 @@ class Workload:
         _validate(dataclasses.asdict(self))
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        """The `torch.dtype` (torch imported here only: the data model itself stays torch-free)."""
+        import torch
+
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict:

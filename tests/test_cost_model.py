@@ -27,7 +27,7 @@ from cost_models.estimate import card_bytes, estimate
 from cost_models.hardware import GPUS, HardwareSpec, get_gpu, save_spec
 from cost_models.memory import block_groups, groups_in_flight, resident_bytes, stored_bytes, unit_bytes
 from cost_models.time import component_run_s
-from planner.profiler import ComponentProfile, Profile, Unit
+from planner.profile_data import ComponentProfile, Profile, Unit
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,
                               Choice, ComponentPlan)
 from planner.workload import Workload
