@@ -1,6 +1,6 @@
 """The GPU check: one command that measures memplan's plans on a real card and writes the evidence to one folder.
 
-    python -m benchmarks.gpu_check                       # CUDA: benchmarks/results/<date>-<gpu>/
+    python -m benchmarks.gpu_check                       # CUDA: benchmarks/results/<date>-<card>/ (torch's exact name)
     python -m benchmarks.gpu_check --out-root $OUT       # the same folder under another root
     python -m benchmarks.gpu_check --dry-run [--out DIR] # the same code path on CPU with the tiny pipelines
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+from dataclasses import dataclass
 import json
 import logging
 import platform
@@ -41,16 +43,30 @@ DEFAULT_TIME_LIMIT_S = 390  # last scenario start; build + calibration + the las
 DRY_RUN_TIME_LIMIT_S = 45
 
 
-def detect_gpu() -> str:
-    """The GPU table name of CUDA device 0 ("h100", "h200", ...), by calibrate's table matching; "h100" if unknown."""
-    from cost_models.calibrate import table_entry
+@dataclass(frozen=True)
+class Card:
+    """The card the check runs on: torch's exact name, a folder-safe form of it, and its GPU-table key (None
+    for a card the table does not hold: plans are then priced only with its calibrated spec, never as another)."""
+
+    device_name: str
+    slug: str
+    table_key: str | None
+
+
+def detect_gpu() -> Card:
+    """CUDA device 0, matched against the GPU table by the one name matcher (cost_models.gpu_names)."""
+    from cost_models.gpu_names import match
 
     name = torch.cuda.get_device_name(0)
-    entry = table_entry(name, torch.cuda.get_device_properties(0).total_memory)
-    if entry is not None:
-        return entry.name
-    logger.warning("GPU %r is not in the table; pricing plans as an h100", name)
-    return "h100"
+    key = match(name, torch.cuda.get_device_properties(0).total_memory)
+    if key is None:
+        logger.warning("GPU %r is not in the table: plans are priced with its calibration only", name)
+    return Card(name, card_slug(name), key)
+
+
+def card_slug(device_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the exact name, lower-cased, safe in a path."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "unknown-gpu"
 
 
 def _versions() -> dict:
@@ -97,7 +113,7 @@ def calibrate_into(folder: Path, device: str, env: dict) -> str | None:
         return None
     try:
         start = time.perf_counter()
-        spec = calibrate(name=f"{env.get('gpu_table_name', 'gpu')}-calibrated", device="cuda")
+        spec = calibrate(name=f"{env.get('gpu_slug', 'gpu')}-calibrated", device="cuda")
         path = folder / "gpu-calibrated.json"
         save_spec(spec, path)
         env["calibration"] = f"ok in {time.perf_counter() - start:.1f}s: {path.name}"
@@ -130,6 +146,7 @@ def _progress(start: float):
 
 
 def _folder(args, device: str, gpu: str) -> Path:
+    """`gpu` is the card's slug (its exact torch name), never a table key it was matched to."""
     if args.out:
         return Path(args.out)
     if args.dry_run:
@@ -158,28 +175,35 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.dry_run:
         torch.set_num_threads(1)  # tiny models: threads only add contention noise on a shared CPU
-    gpu = detect_gpu() if device == "cuda" else "cpu"
-    folder = _folder(args, device, gpu)
+    card = detect_gpu() if device == "cuda" else Card("cpu", "cpu", None)
+    folder = _folder(args, device, card.slug)
     folder.mkdir(parents=True, exist_ok=True)
     handler = _log_to(folder / "log.txt")
     try:
-        return _check(args, device, gpu, folder, start)
+        return _check(args, device, card, folder, start)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
         torch.set_num_threads(threads)
 
 
-def _check(args, device: str, gpu: str, folder: Path, start: float) -> int:
-    env = {**environment(device), "gpu_table_name": gpu, "dry_run": args.dry_run, "folder": str(folder)}
+def _check(args, device: str, card: Card, folder: Path, start: float) -> int:
+    env = {**environment(device), "gpu_slug": card.slug, "gpu_table_name": card.table_key, "dry_run": args.dry_run,
+           "folder": str(folder)}
     _write_env(folder, env)
     spec = calibrate_into(folder, device, env)
+    gpu = card.table_key
+    if device == "cuda" and spec is None and gpu is None:
+        env["error"] = f"{card.device_name!r} is not in the GPU table and its calibration failed: no spec to price with"
+        _write_env(folder, env)
+        print(f"gpu_check: {env['error']}", file=sys.stderr)
+        return 2
     env["gpu_spec_used"] = spec or gpu
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
     if args.dry_run:
         todo = sc.dry_run() + folder_scenarios(Path(tempfile.mkdtemp(prefix="memplan-models-")))
     else:  # with a calibrated spec, the table entry's prices are kept beside it (cmp_* columns)
-        todo = sc.gpu_sweep(spec or gpu, budgets, compare_gpu=gpu if spec else None)
+        todo = sc.gpu_sweep(spec or gpu, budgets, compare_gpu=gpu if spec and gpu else None)
     limit = args.time_limit or (DRY_RUN_TIME_LIMIT_S if args.dry_run else DEFAULT_TIME_LIMIT_S)
     print(f"gpu_check: {len(todo)} scenarios on {env.get('gpu_name', device)} -> {folder}", flush=True)
     rows = run_scenarios(todo, folder / "rows.jsonl", time_limit_s=limit - (time.perf_counter() - start),

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from cost_models.gpu_names import match
 from cost_models.hardware import GPUS, HardwareSpec, save_spec
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ ATTENTION_FLOP_FRACTION = 0.2
 PCIE_GEN_BY_PINNED_RATE = ((40e9, 5), (18e9, 4), (0.0, 3))
 # fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards.
 FP8_COMPUTE_CAPABILITY = (8, 9)
-# Name tokens that make a different card from the table entry whose other tokens match.
-_VARIANT_TOKENS = {"ti", "super", "laptop", "mobile", "max", "nvl"}
-_IGNORED_TOKENS = {"nvidia", "geforce", "tesla", "gpu"}
-_SIZE_TOLERANCE = 0.1  # a table key's "16gb" matches a card holding 16 GiB +-10% (drivers reserve some)
 
 
 @dataclass(frozen=True)
@@ -73,31 +69,11 @@ class Measurements:
 
 # ---------------------------------------------------------------- pure: table lookup and spec
 
-def _tokens(text: str) -> list[str]:
-    return [t for t in re.split(r"[^a-z0-9]+", text.lower()) if t and t not in _IGNORED_TOKENS]
-
-
-def _size_matches(token: str, name_tokens: set[str], total_bytes: int) -> bool:
-    gib = int(token[:-2])
-    return token in name_tokens or abs(total_bytes / 2**30 - gib) <= _SIZE_TOLERANCE * gib
-
-
 def table_entry(device_name: str, total_bytes: int) -> HardwareSpec | None:
-    """The GPUS entry for `device_name` (as torch.cuda.get_device_name gives it), or None.
-
-    A key matches when each of its tokens is in the name ("a100-80gb" in "NVIDIA A100-SXM4-80GB"), a size token
-    ("16gb") may instead match the card's memory, and the name carries no variant token the key lacks ("Ti",
-    "SUPER", "Laptop"). The key with most tokens wins ("h100-pcie" over "h100" for "NVIDIA H100 PCIe")."""
-    name = set(_tokens(device_name))
-    best: tuple[int, HardwareSpec] | None = None
-    for key, spec in GPUS.items():
-        key_tokens = _tokens(key)
-        sizes = [t for t in key_tokens if re.fullmatch(r"\d+gb", t)]
-        if not set(key_tokens) - set(sizes) <= name or (name & _VARIANT_TOKENS) - set(key_tokens):
-            continue
-        if all(_size_matches(t, name, total_bytes) for t in sizes) and (best is None or len(key_tokens) > best[0]):
-            best = (len(key_tokens), spec)
-    return best[1] if best else None
+    """The GPUS entry for `device_name` (as torch.cuda.get_device_name gives it) holding `total_bytes`, or None.
+    The one name matcher of memplan (cost_models.gpu_names.match) decides."""
+    key = match(device_name, total_bytes)
+    return GPUS[key] if key else None
 
 
 def _pcie_gen_guess(pinned_bytes_per_s: float) -> int:

@@ -128,16 +128,28 @@ def _gpu(name: str, *, vram_gib: float, bf16_tflops: float, mem_gb_per_s: float,
 
 # VRAM convention: the "GB" NVIDIA sells is taken as GiB (24 GB -> 24 * 2**30), which is what the chips
 # hold; nvidia-smi shows a little less (ECC/driver reservations), e.g. 81559 MiB on an H100 80GB.
-# H200 "141 GB" is likewise 141 GiB (nvidia-smi: 143771 MiB).
+# H200 "141 GB" is likewise 141 GiB (nvidia-smi: 143771 MiB), B200 "180 GB" 180 GiB (nvidia-smi: 183359 MiB).
+# Keys are stable (plans, studies and calibration rows name them); every spelling people use for a card, torch's
+# device names included, resolves to its key in cost_models/gpu_names.py.
 # GeForce FLOPs marked "derived" are SM count x boost clock x 512 FLOP/clk/SM (half-rate FP32 accumulate),
 # which reproduces the whitepaper figures for the 3090, 4080 and 4090.
 GPUS: dict[str, HardwareSpec] = {
     spec.name: spec
     for spec in (
+        # --- Turing GeForce (no bf16 tensor cores, no fp8) ---
+        _gpu("rtx-2080-ti", vram_gib=11, bf16_tflops=53.8, mem_gb_per_s=616, pcie=(3, 16), fp8=False,
+             source="NVIDIA Turing whitepaper: RTX 2080 Ti (reference, 68 SM, 1545 MHz boost) FP16 tensor w/ FP32 "
+                    "acc 53.8 TFLOPS (Turing has NO bf16 tensor cores: plan fp16); 616 GB/s GDDR6; PCIe 3.0 x16"),
         # --- Ampere GeForce (no fp8) ---
         _gpu("rtx-3060-12gb", vram_gib=12, bf16_tflops=25.5, mem_gb_per_s=360, pcie=(4, 16), fp8=False,
              source="NVIDIA RTX 3060 12GB specs (28 SM, 1777 MHz boost, 192-bit 15 Gbps); dense FP16/BF16 "
                     "w/ FP32 acc derived; PCIe 4.0 x16"),
+        _gpu("rtx-3080", vram_gib=10, bf16_tflops=59.5, mem_gb_per_s=760, pcie=(4, 16), fp8=False,
+             source="NVIDIA Ampere GA102 whitepaper: RTX 3080 10GB dense FP16/BF16 w/ FP32 acc 59.5 TFLOPS "
+                    "(68 SM, 1710 MHz boost); 760 GB/s GDDR6X; PCIe 4.0 x16"),
+        _gpu("rtx-3080-ti", vram_gib=12, bf16_tflops=68.2, mem_gb_per_s=912, pcie=(4, 16), fp8=False,
+             source="NVIDIA RTX 3080 Ti specs (80 SM, 1665 MHz boost, 384-bit 19 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; 912 GB/s GDDR6X; PCIe 4.0 x16"),
         _gpu("rtx-3090", vram_gib=24, bf16_tflops=71, mem_gb_per_s=936.2, pcie=(4, 16), fp8=False,
              source="NVIDIA Ampere GA102 whitepaper: RTX 3090 dense FP16/BF16 w/ FP32 acc 71 TFLOPS; "
                     "936 GB/s GDDR6X; PCIe 4.0 x16"),
@@ -145,22 +157,44 @@ GPUS: dict[str, HardwareSpec] = {
         _gpu("rtx-4060-8gb", vram_gib=8, bf16_tflops=30.2, mem_gb_per_s=272, pcie=(4, 8), fp8=True,
              source="NVIDIA RTX 4060 specs (24 SM, 2460 MHz boost, 128-bit 17 Gbps); dense FP16/BF16 "
                     "w/ FP32 acc derived; PCIe 4.0 x8"),
+        _gpu("rtx-4060-ti-8gb", vram_gib=8, bf16_tflops=44.1, mem_gb_per_s=288, pcie=(4, 8), fp8=True,
+             source="NVIDIA RTX 4060 Ti 8GB specs (34 SM, 2535 MHz boost, 128-bit 18 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x8"),
         _gpu("rtx-4060-ti-16gb", vram_gib=16, bf16_tflops=44.1, mem_gb_per_s=288, pcie=(4, 8), fp8=True,
              source="NVIDIA RTX 4060 Ti 16GB specs (34 SM, 2535 MHz boost, 128-bit 18 Gbps); dense FP16/BF16 "
                     "w/ FP32 acc derived; PCIe 4.0 x8"),
         _gpu("rtx-4070-12gb", vram_gib=12, bf16_tflops=58.3, mem_gb_per_s=504.2, pcie=(4, 16), fp8=True,
              source="NVIDIA RTX 4070 specs (46 SM, 2475 MHz boost, 192-bit 21 Gbps); dense FP16/BF16 "
                     "w/ FP32 acc derived; PCIe 4.0 x16"),
+        _gpu("rtx-4070-ti-super", vram_gib=16, bf16_tflops=88.2, mem_gb_per_s=672, pcie=(4, 16), fp8=True,
+             source="NVIDIA RTX 4070 Ti SUPER specs (66 SM, 2610 MHz boost, 256-bit 21 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x16"),
         _gpu("rtx-4080", vram_gib=16, bf16_tflops=97.5, mem_gb_per_s=716.8, pcie=(4, 16), fp8=True,
              source="NVIDIA Ada whitepaper: RTX 4080 16GB dense FP16/BF16 w/ FP32 acc 97.5 TFLOPS; "
                     "716.8 GB/s GDDR6X; PCIe 4.0 x16"),
+        _gpu("rtx-4080-super", vram_gib=16, bf16_tflops=104.4, mem_gb_per_s=736, pcie=(4, 16), fp8=True,
+             source="NVIDIA RTX 4080 SUPER specs (80 SM, 2550 MHz boost, 256-bit 23 Gbps); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 4.0 x16"),
         _gpu("rtx-4090", vram_gib=24, bf16_tflops=165.2, mem_gb_per_s=1008, pcie=(4, 16), fp8=True,
              source="NVIDIA Ada whitepaper: RTX 4090 dense FP16/BF16 w/ FP32 acc 165.2 TFLOPS; "
                     "1008 GB/s GDDR6X; PCIe 4.0 x16"),
         # --- Blackwell GeForce ---
+        _gpu("rtx-5070-ti", vram_gib=16, bf16_tflops=87.9, mem_gb_per_s=896, pcie=(5, 16), fp8=True,
+             source="NVIDIA RTX 5070 Ti specs (70 SM, 2452 MHz boost, 256-bit 28 Gbps GDDR7); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 5.0 x16"),
+        _gpu("rtx-5080", vram_gib=16, bf16_tflops=112.6, mem_gb_per_s=960, pcie=(5, 16), fp8=True,
+             source="NVIDIA RTX 5080 specs (84 SM, 2617 MHz boost, 256-bit 30 Gbps GDDR7); dense FP16/BF16 "
+                    "w/ FP32 acc derived; PCIe 5.0 x16"),
         _gpu("rtx-5090", vram_gib=32, bf16_tflops=209.5, mem_gb_per_s=1792, pcie=(5, 16), fp8=True,
              source="NVIDIA Blackwell GeForce specs: RTX 5090 dense FP16/BF16 w/ FP32 acc 209.5 TFLOPS "
                     "(170 SM, 2407 MHz boost); 1792 GB/s GDDR7; PCIe 5.0 x16"),
+        # --- Workstation cards (full-rate FP32 accumulate) ---
+        _gpu("rtx-a6000", vram_gib=48, bf16_tflops=154.8, mem_gb_per_s=768, pcie=(4, 16), fp8=False,
+             source="NVIDIA RTX A6000 datasheet: tensor 309.7 TFLOPS with sparsity -> 154.8 dense FP16/BF16 "
+                    "(84 SM, 1800 MHz boost); 48GB GDDR6 768 GB/s; PCIe 4.0 x16"),
+        _gpu("rtx-6000-ada", vram_gib=48, bf16_tflops=364.2, mem_gb_per_s=960, pcie=(4, 16), fp8=True,
+             source="NVIDIA RTX 6000 Ada datasheet: 1457 TFLOPS FP8 tensor with sparsity -> 364.2 dense "
+                    "FP16/BF16 (142 SM, 2505 MHz boost); 48GB GDDR6 960 GB/s; PCIe 4.0 x16"),
         # --- Data-centre / cloud inference cards (full-rate FP32 accumulate) ---
         _gpu("t4", vram_gib=16, bf16_tflops=65, mem_gb_per_s=320, pcie=(3, 16), fp8=False,
              source="NVIDIA T4 datasheet: 65 TFLOPS FP16 mixed precision (Turing has NO bf16 tensor cores: "
@@ -171,11 +205,19 @@ GPUS: dict[str, HardwareSpec] = {
         _gpu("l4", vram_gib=24, bf16_tflops=121, mem_gb_per_s=300, pcie=(4, 16), fp8=True,
              source="NVIDIA L4 datasheet: BF16 242 TFLOPS with sparsity -> 121 dense; 300 GB/s GDDR6; "
                     "PCIe 4.0 x16"),
+        _gpu("l20", vram_gib=48, bf16_tflops=119.5, mem_gb_per_s=864, pcie=(4, 16), fp8=True,
+             source="NVIDIA L20 product brief: FP16/BF16 tensor 119.5 TFLOPS dense (239 with sparsity; the tensor "
+                    "rate is cut below the L40S's on this export part); 48GB GDDR6 864 GB/s; PCIe 4.0 x16"),
+        _gpu("l40s", vram_gib=48, bf16_tflops=362.05, mem_gb_per_s=864, pcie=(4, 16), fp8=True,
+             source="NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOPS dense (733 with sparsity); 48GB GDDR6 "
+                    "864 GB/s; PCIe 4.0 x16"),
         _gpu("a100-40gb", vram_gib=40, bf16_tflops=312, mem_gb_per_s=1555, pcie=(4, 16), fp8=False,
              source="NVIDIA A100 datasheet: BF16 312 TFLOPS dense; 40GB HBM2 1555 GB/s; PCIe 4.0 host link"),
         _gpu("a100-80gb", vram_gib=80, bf16_tflops=312, mem_gb_per_s=2039, pcie=(4, 16), fp8=False,
              source="NVIDIA A100 datasheet: BF16 312 TFLOPS dense; 80GB HBM2e 2039 GB/s (SXM; PCIe card "
                     "1935 GB/s); PCIe 4.0 host link"),
+        _gpu("a100-pcie-80gb", vram_gib=80, bf16_tflops=312, mem_gb_per_s=1935, pcie=(4, 16), fp8=False,
+             source="NVIDIA A100 datasheet: A100 80GB PCIe BF16 312 TFLOPS dense; HBM2e 1935 GB/s; PCIe 4.0 x16"),
         _gpu("h100", vram_gib=80, bf16_tflops=989, mem_gb_per_s=3350, pcie=(5, 16), fp8=True,
              source="NVIDIA H100 SXM5 80GB datasheet: BF16 1979 TFLOPS with sparsity -> 989 dense; "
                     "HBM3 3.35 TB/s; PCIe 5.0 host link"),
@@ -185,12 +227,12 @@ GPUS: dict[str, HardwareSpec] = {
         _gpu("h200", vram_gib=141, bf16_tflops=989, mem_gb_per_s=4800, pcie=(5, 16), fp8=True,
              source="NVIDIA H200 SXM datasheet: BF16 1979 TFLOPS with sparsity -> 989 dense; "
                     "141GB HBM3e 4.8 TB/s; PCIe 5.0 host link"),
+        _gpu("b200", vram_gib=180, bf16_tflops=2250, mem_gb_per_s=8000, pcie=(5, 16), fp8=True,
+             source="NVIDIA HGX/DGX B200 specs per GPU (8-GPU totals / 8): FP16/BF16 tensor 4.5 PFLOPS with "
+                    "sparsity -> 2250 dense; 180GB HBM3e 8 TB/s; the chip's PCIe Gen6 link runs at Gen5 x16 on "
+                    "the Gen5 host CPUs of HGX B200 servers"),
     )
 }
-
-
-def _normalise_name(name: str) -> str:
-    return name.strip().lower().replace(" ", "-").replace("_", "-")
 
 
 def _load_json_spec(path: Path) -> HardwareSpec:
@@ -203,11 +245,14 @@ def _load_json_spec(path: Path) -> HardwareSpec:
 
 
 def get_gpu(spec: str | os.PathLike | HardwareSpec | None) -> HardwareSpec:
-    """Resolve `spec` to a HardwareSpec: a spec as is, a table name (case, spaces and underscores
-    ignored: "RTX 4090" -> "rtx-4090"), or the path of a .json file written by save_spec()."""
+    """Resolve `spec` to a HardwareSpec: a spec as is, the path of a .json file written by save_spec(), or any
+    common name of a card in the table ("rtx-4090", "NVIDIA GeForce RTX 4090", "4090", "h100-sxm": see
+    cost_models/gpu_names.py); an unknown name is a ValueError suggesting the nearest ones."""
+    from cost_models.gpu_names import lookup
+
     if spec is None:
-        raise ValueError("no GPU given: pass gpu=<name> (one of "
-                         f"{', '.join(GPUS)}) or gpu=<path to a .json spec>")
+        raise ValueError("no GPU given: pass gpu=<name> (`memplan gpus` lists them, e.g. 'rtx-4090' or "
+                         "'NVIDIA GeForce RTX 4090') or gpu=<path to a .json spec>")
     if isinstance(spec, HardwareSpec):
         return spec
     text = os.fspath(spec)
@@ -216,11 +261,7 @@ def get_gpu(spec: str | os.PathLike | HardwareSpec | None) -> HardwareSpec:
         if not path.is_file():
             raise ValueError(f"hardware spec file {text!r} does not exist")
         return _load_json_spec(path)
-    key = _normalise_name(text)
-    if key in GPUS:
-        return GPUS[key]
-    raise ValueError(f"unknown GPU {text!r}: known names are {', '.join(GPUS)}; "
-                     "or pass the path of a .json spec (see save_spec)")
+    return GPUS[lookup(text)]
 
 
 def save_spec(spec: HardwareSpec, path: str | os.PathLike) -> None:

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="zoo name (memplan zoo) or a folder with model_index.json")
     p.add_argument("--budget", required=True, help="VRAM of the card, e.g. 8GB or 8GiB")
-    p.add_argument("--gpu", required=True, help="GPU name (memplan gpus) or spec JSON")
+    p.add_argument("--gpu", help="target GPU: any common name (rtx-4090, 'NVIDIA GeForce RTX 4090', 4090; see "
+                                 "memplan gpus) or a spec JSON (default: this machine's CUDA card, detected)")
     p.add_argument("--ram", help="host RAM budget (default: this machine's available RAM)")
     p.add_argument("--device", default="cuda", help="device the plan runs on (default cuda)")
     p.add_argument("--no-lossy", action="store_true", help="forbid fp8 storage")
@@ -179,10 +180,12 @@ def cmd_show(args) -> int:
 
 def cmd_gpus(args) -> int:
     from cost_models import GPUS
+    from cost_models.gpu_names import CARDS
 
     for name, hw in GPUS.items():
         print(f"{name:18s} {format_size(hw.vram_bytes):>11s} {hw.bf16_flops / 1e12:7.1f} TFLOP/s  "
-              f"PCIe{hw.pcie_gen} {hw.h2d_pinned_bytes_per_s / 1e9:5.1f} GB/s pinned  fp8={hw.fp8}")
+              f"PCIe{hw.pcie_gen} {hw.h2d_pinned_bytes_per_s / 1e9:5.1f} GB/s pinned  fp8={hw.fp8!s:5s}  "
+              f"{CARDS[name].label}")
     return 0
 
 

@@ -8,13 +8,13 @@ import os
 
 import torch
 
-from cost_models import HardwareSpec, get_gpu
+from cost_models import GPUS, HardwareSpec, get_gpu
 from planner.plan import Alternative, Plan
 from planner.profiler import Profile, profile
 from planner.search import Budgets, record_measurement, search, study_name
 from planner.sources import PipelineSource, from_pipeline, load_source
 from planner.space import SearchSpace
-from planner.units import parse_size
+from planner.units import format_size, parse_size
 from planner.workload import Workload, default_workload
 
 logger = logging.getLogger(__name__)
@@ -85,18 +85,24 @@ def _check_device(device: str) -> str:
 
 
 def _detect_gpu() -> HardwareSpec:
-    """The table entry of this machine's CUDA GPU; without one (or an unknown card) the user must name it."""
-    if torch.cuda.is_available():
-        from cost_models.calibrate import table_entry
+    """The table entry of this machine's CUDA GPU (matched by its name and memory); without CUDA, or for a card
+    not in the table, the user must name the target."""
+    from cost_models.gpu_names import match, suggest
 
-        device = torch.cuda.current_device()  # the name and the memory of the same card
-        name = torch.cuda.get_device_name(device)
-        spec = table_entry(name, torch.cuda.get_device_properties(device).total_memory)
-        if spec is not None:
-            logger.info("target GPU: %s (table entry %s)", name, spec.name)
-            return spec
-    raise ValueError("no target GPU given (and none recognised on this machine): pass gpu='rtx-4090' (see "
-                     "`memplan gpus`) or gpu='my-gpu.json' (from calibrate())")
+    if not torch.cuda.is_available():
+        raise ValueError("no target GPU given and no CUDA GPU on this machine: pass gpu='rtx-4090' (any name "
+                         "`memplan gpus` lists) or gpu='my-gpu.json' (from calibrate())")
+    device = torch.cuda.current_device()  # the name and the memory of the same card
+    name, total = torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory
+    key = match(name, total)
+    if key is None:
+        near = suggest(name)
+        raise ValueError(f"this machine's GPU {name!r} ({format_size(total)}) is not in the GPU table"
+                         + (f" (nearest: {', '.join(near)})" if near else "")
+                         + ": pass gpu=<a table name> to plan as that card, or calibrate this one "
+                           "(cost_models.calibrate.calibrate(), then gpu='my-gpu.json')")
+    logger.info("target GPU: detected %s (%s) -> table entry %s", name, format_size(total), key)
+    return GPUS[key]
 
 
 def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | None = None,

@@ -574,13 +574,14 @@ def test_calibrate_refuses_a_non_cuda_device():
     ("NVIDIA A100-SXM4-80GB", 79.2, "a100-80gb"),
     ("NVIDIA A100-PCIE-40GB", 39.4, "a100-40gb"),
     ("NVIDIA GeForce RTX 4060 Ti", 15.6, "rtx-4060-ti-16gb"),
-    ("NVIDIA GeForce RTX 4060 Ti", 7.6, None),  # no 8 GB Ti in the table; not the plain 4060 either
+    ("NVIDIA GeForce RTX 4060 Ti", 7.6, "rtx-4060-ti-8gb"),  # not the plain 4060
     ("NVIDIA GeForce RTX 4070 SUPER", 11.6, None),  # a SUPER is not the 4070
     ("NVIDIA GeForce RTX 4090 Laptop GPU", 15.6, None),
     ("Tesla T4", 14.6, "t4"),
     ("NVIDIA A10G", 22.1, "a10g"),
     ("NVIDIA L4", 22.0, "l4"),
-    ("NVIDIA RTX 6000 Ada Generation", 47.5, None),
+    ("NVIDIA RTX 6000 Ada Generation", 47.5, "rtx-6000-ada"),
+    ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 95.0, None),
 ])
 def test_table_entry_matches_device_names(device_name, gib, key):
     found = cal.table_entry(device_name, int(gib * 2**30))
@@ -609,7 +610,7 @@ def test_spec_from_measurements_keeps_the_datasheet_peak_of_a_known_card():
 
 
 def test_spec_from_measurements_of_an_unknown_card_uses_the_measured_peak(tmp_path):
-    spec = cal.spec_from_measurements(_measured(device_name="NVIDIA RTX 6000 Ada Generation",
+    spec = cal.spec_from_measurements(_measured(device_name="NVIDIA RTX PRO 4500 Blackwell",
                                                 total_bytes=51_000_000_000, h2d_pinned_bytes_per_s=26e9), "ws")
     assert spec.bf16_flops == 150e12  # the measured GEMM rate is the peak
     assert spec.compute_efficiency == pytest.approx(1 / (0.2 / 100e12 + 0.8 / 150e12) / 150e12)
