@@ -21,6 +21,8 @@ import logging
 import re
 from dataclasses import dataclass
 
+from planner.errors import HardwareError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CARDS", "Card", "lookup", "match", "suggest"]
@@ -173,11 +175,11 @@ def suggest(text: str, n: int = 3) -> list[str]:
 
 
 def lookup(text: str, total_bytes: int | None = None) -> str:
-    """Like `match`, but an unknown name is a ValueError that suggests the nearest names."""
+    """Like `match`, but an unknown name is a HardwareError that suggests the nearest names."""
     key = match(text, total_bytes)
     if key is not None:
         return key
     near = suggest(text)
     hint = f"did you mean {', '.join(near)}? " if near else ""
-    raise ValueError(f"unknown GPU {text!r}: {hint}`memplan gpus` lists the table ({len(CARDS)} cards); "
-                     "or pass the path of a .json spec from cost_models.calibrate.calibrate() (see save_spec)")
+    raise HardwareError(f"unknown GPU {text!r}: {hint}`memplan gpus` lists the table ({len(CARDS)} cards); "
+                        "or pass the path of a .json spec from cost_models.calibrate.calibrate() (see save_spec)")

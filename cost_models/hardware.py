@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.errors import HardwareError
+from planner.schema import check_fields
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,33 +69,28 @@ class HardwareSpec:
                     "h2d_pageable_bytes_per_s", "d2h_bytes_per_s", "disk_read_bytes_per_s")
         bad = [f for f in positive if not getattr(self, f) > 0]
         if bad:
-            raise ValueError(f"HardwareSpec {self.name!r}: {', '.join(bad)} must be > 0")
+            raise HardwareError(f"HardwareSpec {self.name!r}: {', '.join(bad)} must be > 0")
         if not 0 < self.compute_efficiency <= 1:
-            raise ValueError(f"HardwareSpec {self.name!r}: compute_efficiency must be in (0, 1], "
-                             f"got {self.compute_efficiency}")
+            raise HardwareError(f"HardwareSpec {self.name!r}: compute_efficiency must be in (0, 1], "
+                                f"got {self.compute_efficiency}")
         if self.reserved_over_allocated < 1:
-            raise ValueError(f"HardwareSpec {self.name!r}: reserved_over_allocated must be >= 1, "
-                             f"got {self.reserved_over_allocated}")
+            raise HardwareError(f"HardwareSpec {self.name!r}: reserved_over_allocated must be >= 1, "
+                                f"got {self.reserved_over_allocated}")
         if not 0 <= self.context_bytes < self.vram_bytes:
-            raise ValueError(f"HardwareSpec {self.name!r}: context_bytes must be in [0, vram_bytes)")
+            raise HardwareError(f"HardwareSpec {self.name!r}: context_bytes must be in [0, vram_bytes)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> HardwareSpec:
-        """Build a spec from `to_dict()` output. Unknown keys and missing required keys are errors;
-        defaulted fields may be left out and take their stated defaults."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"HardwareSpec: unknown key(s) {unknown}; known keys are {sorted(fields)}")
-        required = {name for name, f in fields.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"HardwareSpec: missing required key(s) {missing}")
-        return cls(**data)
+    def from_dict(cls, data: dict, where: str = "HardwareSpec") -> HardwareSpec:
+        """Build a spec from `to_dict()` output. Unknown keys, missing required keys and values of the wrong type
+        are errors naming `where`; defaulted fields may be left out and take their stated defaults."""
+        check_fields(where, data, cls, HardwareError)
+        try:
+            return cls(**data)
+        except HardwareError as err:
+            raise HardwareError(f"{where}: {err}") from err
 
 
 # Realistic pinned host->device copy rates (bandwidthTest-style), well below the raw link rate because of
@@ -237,29 +235,39 @@ GPUS: dict[str, HardwareSpec] = {
 
 def _load_json_spec(path: Path) -> HardwareSpec:
     logger.debug("loading hardware spec from %s", path)
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"hardware spec file {path} must hold a JSON object, got {type(data).__name__}")
-    return HardwareSpec.from_dict(data)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise HardwareError(f"cannot read hardware spec file {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise HardwareError(f"hardware spec file {path} is not UTF-8 text (byte {err.start}); "
+                            "write it with save_spec()") from err
+    except RecursionError as err:
+        raise HardwareError(f"hardware spec file {path}: its JSON is nested too deeply to be a spec") from err
+    except ValueError as err:  # JSONDecodeError, and ints longer than Python's digit limit
+        raise HardwareError(f"hardware spec file {path} is not valid JSON: {err}") from err
+    return HardwareSpec.from_dict(data, where=f"hardware spec file {path}")
 
 
 def get_gpu(spec: str | os.PathLike | HardwareSpec | None) -> HardwareSpec:
     """Resolve `spec` to a HardwareSpec: a spec as is, the path of a .json file written by save_spec(), or any
     common name of a card in the table ("rtx-4090", "NVIDIA GeForce RTX 4090", "4090", "h100-sxm": see
-    cost_models/gpu_names.py); an unknown name is a ValueError suggesting the nearest ones."""
+    cost_models/gpu_names.py); an unknown name is a HardwareError suggesting the nearest ones."""
     from cost_models.gpu_names import lookup
 
     if spec is None:
-        raise ValueError("no GPU given: pass gpu=<name> (`memplan gpus` lists them, e.g. 'rtx-4090' or "
-                         "'NVIDIA GeForce RTX 4090') or gpu=<path to a .json spec>")
+        raise HardwareError("no GPU given: pass gpu=<name> (`memplan gpus` lists them, e.g. 'rtx-4090' or "
+                            "'NVIDIA GeForce RTX 4090') or gpu=<path to a .json spec>")
     if isinstance(spec, HardwareSpec):
         return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise HardwareError(f"GPU {spec!r} ({type(spec).__name__}) is not understood: give a name (`memplan gpus` "
+                            "lists them), the path of a .json spec, or a HardwareSpec")
     text = os.fspath(spec)
     if text.lower().endswith(".json"):
         path = Path(text)
         if not path.is_file():
-            raise ValueError(f"hardware spec file {text!r} does not exist")
+            raise HardwareError(f"hardware spec file {text!r} does not exist")
         return _load_json_spec(path)
     return GPUS[lookup(text)]
 

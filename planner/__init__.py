@@ -9,9 +9,11 @@ import importlib
 
 _EXPORTS = {
     "optimize": "planner.optimizer", "plan_for": "planner.optimizer", "Plan": "planner.plan",
-    "Profile": "planner.profiler", "profile": "planner.profiler", "BudgetError": "planner.search",
-    "Choice": "planner.strategy", "ComponentPlan": "planner.strategy", "PlanError": "planner.strategy",
+    "Profile": "planner.profiler", "profile": "planner.profiler", "Choice": "planner.strategy",
+    "ComponentPlan": "planner.strategy",
     "parse_size": "planner.units", "Workload": "planner.workload",
+    **{name: "planner.errors" for name in ("MemplanError", "ArgumentError", "PlanError", "WorkloadError",
+                                           "HardwareError", "DeviceError", "UnsupportedError", "BudgetError")},
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,8 +14,10 @@ import tempfile
 
 import torch
 
+from planner.devices import check_device_available, check_not_meta
 from planner.inputs import compute_dtype
-from planner.profiler import layerwise_casting_works, role_of, tied_weights_split
+from planner.plan import weights_dtype
+from planner.profiler import _bytes_by_dtype, layerwise_casting_works, role_of, tied_weights_split
 from planner.sources import config_hash
 from planner.strategy import (FP8_DTYPES, GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
                               ComponentPlan, PlanError)
@@ -47,7 +49,10 @@ def validate_plan(plan, pipe, device: str) -> None:
     if not hasattr(pipe, "components"):
         raise PlanError(f"{type(pipe).__name__} is not a diffusers pipeline")
     comps = _components(pipe)
-    plan.check_fits(type(pipe).__name__, {n: (type(m).__name__, config_hash(m)) for n, m in comps.items()})
+    check_device_available(device)
+    check_not_meta(comps)
+    plan.check_fits(type(pipe).__name__, {n: (type(m).__name__, config_hash(m)) for n, m in comps.items()},
+                    {n: weights_dtype(_bytes_by_dtype(m)) for n, m in comps.items()})
     for name, module in comps.items():
         _check_component(name, module, plan.choice.components[name])
     _check_device(plan.choice, device)
@@ -110,6 +115,11 @@ class _Snapshot:
         for name, module in _components(pipe).items():
             if self.fp8[name] is None:  # casting added by the failed apply; the tensors below undo its cast
                 _remove_diffusers_hooks(module, _CASTING_HOOKS, force=True)
+        known = {id(registry) for _, registry in self.registries}
+        for sub in (m for c in _components(pipe).values() for m in c.modules()):
+            registry = getattr(sub, "_diffusers_hook", None)
+            if registry is not None and id(registry) not in known and not registry.hooks:
+                _drop_registry(sub)  # made by the failed apply, which was stopped before it got its hook
         for module, registry in self.registries:  # emptied and dropped above; diffusers makes some at run time
             if not hasattr(module, "_diffusers_hook"):
                 module._diffusers_hook = registry
@@ -261,7 +271,7 @@ def apply_plan(plan, pipe, device: str, offload_dir: str | None = None) -> None:
             _apply_storage(module, plan.choice.components[name])
         _apply_placement(pipe, plan.choice, device, offload_dir)
         _apply_vae(pipe, plan.choice)
-    except Exception:
+    except BaseException:  # Ctrl-C too: a half-applied plan (half-offloaded, fp8-cast) must not survive
         snapshot.restore(pipe)
         if previous is not None:
             logger.warning("apply failed; re-applying the previous plan")

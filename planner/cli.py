@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
-from planner.strategy import PlanError
+from planner.errors import ArgumentError, MemplanError
 from planner.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memplan", description="Fastest diffusers memory plan within a budget.")
+    parser = _Parser(prog="memplan", description="Fastest diffusers memory plan within a budget.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -97,6 +99,7 @@ def cmd_bench(args) -> int:
     from benchmarks.runner import run_scenarios
     from benchmarks.scenarios import resolve
 
+    check_output(args.output)
     def show(row: dict) -> None:
         pred, meas = row.get("pred_total_s"), row.get("meas_total_s")
         times = f"pred {pred:.4g}s meas {meas:.4g}s" if pred is not None and meas is not None else ""
@@ -110,6 +113,7 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from benchmarks.report import write_report
 
+    check_output(args.output)
     print(f"wrote {write_report(args.rows, args.output, markdown=args.md)}")
     return 0
 
@@ -119,9 +123,23 @@ def _workload(args) -> dict:
             if getattr(args, k, None) is not None}
 
 
+def check_output(path: str) -> None:
+    """Refuse an output path that cannot be written, before the planning work rather than after it."""
+    target = Path(path)
+    if target.is_dir():
+        raise ArgumentError(f"output {path!r} is a directory: give a file path, e.g. {target / 'plan.json'}")
+    parent = next(p for p in [target.parent, *target.parent.parents] if p.exists() or p == Path(p.anchor))
+    if not parent.is_dir():
+        raise ArgumentError(f"output {path!r}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ArgumentError(f"output {path!r} cannot be written (permission denied on {target if target.exists() else parent})")
+
+
 def cmd_plan(args) -> int:
     from planner.optimizer import plan_for
 
+    if args.output:
+        check_output(args.output)
     plan = plan_for(args.model, args.budget, ram_budget=args.ram, gpu=args.gpu, device=args.device,
                     allow_lossy=not args.no_lossy, n_trials=args.trials, seed=args.seed, storage=args.storage,
                     show_progress_bar=sys.stderr.isatty(),
@@ -167,7 +185,7 @@ def _plan_gpu(plan):
     from cost_models import HardwareSpec
 
     if not plan.hardware:
-        raise ValueError("the plan names no GPU: pass --gpu")
+        raise ArgumentError("the plan names no GPU: pass --gpu")
     return HardwareSpec.from_dict(plan.hardware)
 
 
@@ -200,16 +218,37 @@ COMMANDS = {"plan": cmd_plan, "estimate": cmd_estimate, "show": cmd_show, "gpus"
             "bench": cmd_bench, "report": cmd_report}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line with exit code 2, like every other memplan error."""
+
+    def error(self, message: str):
+        self.exit(2, f"memplan: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, (MemplanError, OSError)):
+        return text
+    return f"unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error is one line on stderr and exit code 2 (`--debug`: the traceback instead);
+    Ctrl-C is one line and exit code 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, PlanError, OSError) as err:  # BudgetError is a ValueError
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"memplan: error: {err}", file=sys.stderr)
+        print("memplan: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (memplan's own errors and OSError are the expected ones)
+        if args.debug:
+            raise
+        print(f"memplan: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

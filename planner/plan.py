@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cost_models import Estimate
-from planner.strategy import Choice, PlanError
+from planner.devices import check_device_name
+from planner.errors import MemplanError, PlanError
+from planner.schema import check_fields, check_value, short
+from planner.strategy import Choice, ComponentPlan
 from planner.units import format_size
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# What a plan says of each component: its class and config hash (apply refuses another), and the dtype its weights
+# were priced in (`weights_dtype`); each is optional in a hand-written plan.
+COMPONENT_KEYS = ("class", "config_hash", "dtype")
 
 
 def _versions() -> dict[str, str]:
@@ -70,50 +76,64 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        """Build a plan from its JSON object, every section checked first (keys, types, units, values):
+        anything malformed is a PlanError naming the section, never a TypeError from deep inside."""
         if not isinstance(data, dict):
             raise PlanError(f"a plan is a JSON object, got {type(data).__name__}; see the README's plan JSON schema")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise PlanError(f"plan schema_version {version!r} is not supported (this memplan reads {SCHEMA_VERSION}); "
-                            "re-plan with this version of memplan")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {short(version)} is not supported (this memplan reads "
+                            f"{SCHEMA_VERSION}); re-plan with this version of memplan")
         missing = {"pipeline_class", "components", "choice"} - set(data)
         if missing:
             raise PlanError(f"plan is missing {sorted(missing)}; see the README's plan JSON schema")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields
-        if unknown:
-            raise PlanError(f"plan has unknown keys {sorted(unknown)}; see the README's plan JSON schema")
-        _check_keys("choice", data["choice"], {"components", "vae_tiling", "vae_slicing"}, required={"components"})
-        _check_keys("components", data["components"])
+        check_fields("plan", data, cls, PlanError, optional=True)
         for name, meta in data["components"].items():
-            _check_keys(f"components.{name}", meta, {"class", "config_hash"})
-        _check_keys("choice.components", data["choice"]["components"])
-        for name, cplan in data["choice"]["components"].items():
-            _check_keys(f"choice.components.{name}", cplan)  # ComponentPlan.from_dict names unknown keys
+            _check_keys(f"components.{name}", meta, set(COMPONENT_KEYS))
         kwargs = dict(data)
-        kwargs["choice"] = Choice.from_dict(data["choice"])
-        kwargs["predicted"] = Estimate.from_dict(data["predicted"]) if data.get("predicted") else None
-        kwargs["alternatives"] = tuple(Alternative.from_dict(a) for a in data.get("alternatives", []))
+        kwargs["choice"] = _choice("choice", data["choice"])
+        kwargs["predicted"] = _estimate("predicted", data["predicted"]) if data.get("predicted") else None
+        kwargs["alternatives"] = tuple(_alternative(f"alternatives[{i}]", a)
+                                       for i, a in enumerate(data.get("alternatives", [])))
+        for section, check in _SECTIONS.items():
+            if data.get(section):
+                check(section, data[section])
         plan = cls(**kwargs)
-        plan.choice.validate(list(plan.components))
+        for choice in (plan.choice, *(a.choice for a in plan.alternatives)):
+            choice.validate(list(plan.components))
         return plan
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file; every error names the file (PlanError)."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            text = Path(path).read_bytes().decode("utf-8")
+        except OSError as err:
+            raise PlanError(f"cannot read plan {path}: {err.strerror or err}") from err
+        except UnicodeDecodeError as err:
+            raise PlanError(f"cannot read plan {path}: it is not UTF-8 text (byte {err.start}); "
+                            "a plan file is JSON written by plan.save()") from err
+        try:
+            data = json.loads(text)
+        except RecursionError as err:
+            raise PlanError(f"cannot read plan {path}: its JSON is nested too deeply to be a plan") from err
+        except ValueError as err:  # JSONDecodeError, and ints longer than Python's digit limit
             raise PlanError(f"cannot read plan {path}: {err}") from err
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except MemplanError as err:
+            raise PlanError(f"plan {path}: {err}") from err
 
     # ------------------------------------------------------------ use
-    def check_fits(self, pipeline_class: str, components: dict[str, tuple[str, str]]) -> None:
+    def check_fits(self, pipeline_class: str, components: dict[str, tuple[str, str]],
+                   dtypes: dict[str, str | None] | None = None) -> None:
         """Raise PlanError unless the plan was made for this pipeline class and these components
-        (name -> (class name, config hash)); a hash absent from a hand-written plan is not checked."""
+        (name -> (class name, config hash)) with weights in these dtypes (name -> `weights_dtype`); what a
+        hand-written plan leaves out (hash, dtype) is not checked."""
         if pipeline_class != self.pipeline_class:
             raise PlanError(f"plan is for {self.pipeline_class}, the pipeline is {pipeline_class}")
         self.choice.validate(list(components))
@@ -124,6 +144,12 @@ class Plan:
             if meta.get("config_hash") and meta["config_hash"] != hash_:
                 raise PlanError(f"{name}: its config differs from the one the plan was made for (config hash); "
                                 "re-plan")
+        for name, dtype in (dtypes or {}).items():
+            planned = self.components.get(name, {}).get("dtype")
+            if planned and dtype and planned != dtype:
+                # Every byte figure of the plan scales with the element size: applying it anyway would mis-budget.
+                raise PlanError(f"{name}: the plan was priced for {planned} weights, the pipeline's are {dtype}; "
+                                f"re-plan for this pipeline (optimize(pipe, ...)) or load {name} in {planned}")
 
     def apply(self, pipe, device: str | None = None) -> None:
         """Apply this plan to `pipe` with diffusers' own hooks (validated first; on error `pipe` is unchanged)."""
@@ -141,6 +167,65 @@ class Plan:
         if self.predicted is not None:
             rows.append(describe_estimate(self.predicted))
         return "\n".join(rows)
+
+
+def weights_dtype(bytes_by_dtype: dict[str, int]) -> str | None:
+    """The dtype a component's plan is priced in: the floating dtype holding most of its parameter bytes, fp8
+    storage left out (a component a plan stored in fp8 still computes in, and is priced from, its own dtype)."""
+    floats = {d: n for d, n in bytes_by_dtype.items() if d in _FLOAT_DTYPES}
+    return max(floats, key=floats.get) if floats else None
+
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _choice(where: str, data) -> Choice:
+    check_fields(where, data, Choice, PlanError, required=("components",))
+    _check_keys(f"{where}.components", data["components"])
+    for name, cplan in data["components"].items():
+        check_fields(f"{where}.components.{name}", cplan, ComponentPlan, PlanError)
+    return Choice.from_dict(data)
+
+
+def _estimate(where: str, data) -> Estimate:
+    check_fields(where, data, Estimate, PlanError, extra={"total_s": float})
+    return Estimate.from_dict(data)
+
+
+def _alternative(where: str, data) -> Alternative:
+    check_fields(where, data, Alternative, PlanError)
+    return Alternative(_choice(f"{where}.choice", data["choice"]), _estimate(f"{where}.predicted", data["predicted"]))
+
+
+def _check_workload(where: str, data) -> None:
+    from planner.workload import Workload
+
+    check_fields(where, data, Workload, PlanError)
+    Workload.from_dict(data)  # its own range checks (WorkloadError)
+
+
+def _check_hardware(where: str, data) -> None:
+    from cost_models import HardwareSpec
+
+    HardwareSpec.from_dict(data, where=where)  # HardwareError
+
+
+def _check_budgets(where: str, data) -> None:
+    from planner.search import Budgets  # search imports this module
+
+    check_fields(where, data, Budgets, PlanError, optional=True)
+
+
+def _check_search(where: str, data) -> None:
+    from planner.space import SearchSpace
+
+    _check_keys(where, data, {"study_name", "space"}, required={"study_name", "space"})
+    check_value(f"{where}.study_name", data["study_name"], str, PlanError)
+    check_fields(f"{where}.space", data["space"], SearchSpace, PlanError)
+
+
+_SECTIONS = {"workload": _check_workload, "hardware": _check_hardware, "budgets": _check_budgets,
+             "search": _check_search, "device": lambda where, data: check_device_name(data, where)}
 
 
 def _check_keys(where: str, value, known: set[str] | None = None, required: set[str] = frozenset()) -> None:

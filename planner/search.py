@@ -24,6 +24,7 @@ import optuna
 from cost_models import Estimate, HardwareSpec, card_bytes, estimate
 from cost_models.memory import PHASES, activation_bytes, host_terms, in_call_weight_bytes, resident_bytes
 from cost_models.time import component_run_s
+from planner.errors import ArgumentError, BudgetError  # noqa: F401  (BudgetError re-exported)
 from planner.plan import describe_choice
 from planner.profile_data import ComponentProfile, Profile
 from planner.space import (PER_COMPONENT, SearchSpace, choice_trial_params, enumerate_component,
@@ -40,14 +41,6 @@ logger = logging.getLogger(__name__)
 # trial grows with the trials before it (300 trials: ~3 s of CPU), the polish's does not.
 DEFAULT_N_TRIALS = 48
 N_STARTUP_TRIALS = 16
-
-
-class BudgetError(ValueError):
-    """No plan in the space fits the budgets; carries the smallest achievable peak and its plan."""
-
-    def __init__(self, message: str, min_card_bytes: int, min_host_bytes: int, min_choice: Choice):
-        super().__init__(message)
-        self.min_card_bytes, self.min_host_bytes, self.min_choice = min_card_bytes, min_host_bytes, min_choice
 
 
 @dataclass(frozen=True)
@@ -323,7 +316,7 @@ def _open_study(profile: Profile, hw: HardwareSpec, budgets: Budgets, space: Sea
         study = optuna.create_study(storage=storage, sampler=_sampler(seed, n_trials), study_name=name,
                                     load_if_exists=True)
     except Exception as err:  # sqlalchemy's errors for a bad URL are many; name the input instead
-        raise ValueError(f"storage {storage!r} cannot be opened ({type(err).__name__}: {err}); give an Optuna "
+        raise ArgumentError(f"storage {storage!r} cannot be opened ({type(err).__name__}: {err}); give an Optuna "
                          "RDB URL such as 'sqlite:///memplan.db' or 'postgresql://user@host/db'") from err
     if not study.trials:
         study.set_user_attr("budgets", budgets.__dict__)  # record_measurement judges measured peaks against them
@@ -363,8 +356,8 @@ def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: Searc
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     n_trials = DEFAULT_N_TRIALS if n_trials is None else n_trials
-    if not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"n_trials={n_trials!r} is not valid: give a positive int (or None for the default)")
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise ArgumentError(f"n_trials={n_trials!r} is not valid: give a positive int (or None for the default)")
     study = _open_study(profile, hw, budgets, space, seed, n_trials, storage, study_name_override)
     study.optimize(_objective(profile, hw, budgets, space), n_trials=n_trials, show_progress_bar=show_progress_bar)
     _polish_study(study, profile, hw, budgets, space)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from planner.errors import ArgumentError
+
 logger = logging.getLogger(__name__)
 
 ZOO_DIR = Path(str(resources.files("planner") / "zoo"))
@@ -43,8 +45,8 @@ def load_source(model: str | Path, dtype: str | None = None) -> PipelineSource:
         return _load_folder(path, dtype)
     if str(model) in zoo_names():
         return _load_folder(ZOO_DIR / str(model), dtype, name=str(model))
-    raise ValueError(
-        f"model {str(model)!r} is neither a zoo name ({', '.join(zoo_names())}) nor a folder with a "
+    raise ArgumentError(
+                        f"model {str(model)!r} is neither a zoo name ({', '.join(zoo_names())}) nor a folder with a "
         "model_index.json: pass one of those"
     )
 
@@ -56,10 +58,10 @@ def from_pipeline(pipe, meta: bool = True) -> PipelineSource:
     class, config and per-tensor dtypes), so profiling a full-size pipeline loaded on the CPU costs seconds,
     not a real forward pass. `meta=False` profiles the real modules on their device (the device backend)."""
     if not hasattr(pipe, "components"):
-        raise ValueError(f"{type(pipe).__name__} is not a diffusers pipeline: it has no `components`")
+        raise ArgumentError(f"{type(pipe).__name__} is not a diffusers pipeline: it has no `components`")
     modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
     if not modules:
-        raise ValueError(f"{type(pipe).__name__} has no nn.Module components to plan for")
+        raise ArgumentError(f"{type(pipe).__name__} has no nn.Module components to plan for")
     if meta:
         modules = {k: meta_twin(v) for k, v in modules.items()}
     return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__)
@@ -69,7 +71,7 @@ def meta_twin(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module` on the meta device: rebuilt from its config, each tensor in the original's dtype."""
     config = getattr(module, "config", None)
     if config is None:
-        raise ValueError(f"{type(module).__name__} has no config to rebuild it from; profile it with meta=False")
+        raise ArgumentError(f"{type(module).__name__} has no config to rebuild it from; profile it with meta=False")
     with torch.device("meta"):
         twin = instantiate(type(module), config)
     originals = dict([*module.named_parameters(), *module.named_buffers()])
@@ -91,7 +93,7 @@ def _load_folder(path: Path, dtype: str | None, name: str = "") -> PipelineSourc
     for comp, (library, class_name) in _module_entries(index).items():
         config_file = path / comp / "config.json"
         if not config_file.is_file():
-            raise ValueError(f"{config_file} is missing: a model folder needs <component>/config.json")
+            raise ArgumentError(f"{config_file} is missing: a model folder needs <component>/config.json")
         config = json.loads(config_file.read_text())
         components[comp] = cast_like_from_pretrained(build_on_meta(library, class_name, config), torch_dtype)
     logger.debug("built %s on meta in %.2fs", path, time.perf_counter() - start)
@@ -123,7 +125,7 @@ def build_on_meta(library: str, class_name: str, config: dict) -> torch.nn.Modul
     module = diffusers if library == "diffusers" else transformers
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise ValueError(f"{library} has no class {class_name!r}; is your {library} too old?")
+        raise ArgumentError(f"{library} has no class {class_name!r}; is your {library} too old?")
     if library == "transformers":
         config = cls.config_class(**{k: v for k, v in config.items() if not k.startswith("_")})
     with torch.device("meta"):
@@ -138,8 +140,16 @@ def instantiate(cls: type, config) -> torch.nn.Module:
     return cls.from_config(config)
 
 
+# Config keys that do not change the module built from it. Private keys (`_name_or_path`, `_diffusers_version`,
+# `_class_name`, `_use_default_values`, `_commit_hash`) are dropped too. transformers' save_pretrained writes
+# `architectures` (into the saved file and the saving model's own config) and the dtype, so without this a
+# pipeline saved and loaded again would no longer match its plan.
+_NOT_ARCHITECTURE = ("architectures", "transformers_version", "torch_dtype", "dtype")
+
+
 def config_hash(module: torch.nn.Module) -> str:
-    """A short hash of a component's constructor config: the same architecture gives the same hash."""
+    """A short hash of a component's constructor config: the same architecture gives the same hash, and
+    save_pretrained -> from_pretrained keeps it."""
     config = getattr(module, "config", None)
     if config is None:
         data = {"class": type(module).__name__, "params": [(n, tuple(p.shape)) for n, p in module.named_parameters()]}
@@ -147,7 +157,7 @@ def config_hash(module: torch.nn.Module) -> str:
         data = config.to_dict()
     else:
         data = dict(config)
-    data = {k: v for k, v in data.items() if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    data = {k: v for k, v in data.items() if not k.startswith("_") and k not in _NOT_ARCHITECTURE}
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

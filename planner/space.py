@@ -11,6 +11,7 @@ from typing import Protocol, Sequence
 
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
+from planner.errors import PlanError
 from planner.profile_data import ComponentProfile, Profile
 from planner.strategy import (BLOCK_LEVEL, FP8_DTYPES, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT,
                               SEQUENTIAL_OFFLOAD, Choice, ComponentPlan)
@@ -99,10 +100,10 @@ def choice_trial_params(choice: Choice, profile: Profile, space: SearchSpace) ->
     try:
         replayed = suggest_choice(recorder, profile, space)
     except (KeyError, AttributeError) as err:
-        raise ValueError(f"choice does not match the pipeline's components: {err}") from err
+        raise PlanError(f"choice does not match the pipeline's components: {err}") from err
     if replayed != choice:
-        raise ValueError("choice is outside the search space (a knob it sets is not searched, e.g. streams with "
-                         "cuda=False or fp8 with allow_lossy=False): plan it with the space it was made in")
+        raise PlanError("choice is outside the search space (a knob it sets is not searched, e.g. streams with "
+                        "cuda=False or fp8 with allow_lossy=False): plan it with the space it was made in")
     return recorder.params, recorder.distributions
 
 
@@ -131,13 +132,13 @@ class _Replay:
         choices = tuple(choices)
         value = self._answer(name)
         if value not in choices:
-            raise ValueError(f"choice is outside the search space: {name}={value!r} is not one of {choices}")
+            raise PlanError(f"choice is outside the search space: {name}={value!r} is not one of {choices}")
         return self._record(name, value, CategoricalDistribution(choices))
 
     def suggest_int(self, name, low, high):
         value = self._answer(name)
         if not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"choice is outside the search space: {name}={value!r} is not in [{low}, {high}]")
+            raise PlanError(f"choice is outside the search space: {name}={value!r} is not in [{low}, {high}]")
         return self._record(name, value, IntDistribution(low, high))
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from planner.errors import PlanError  # noqa: F401  (re-exported: planner.strategy.PlanError is public)
+
 RESIDENT, MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD, GROUP_OFFLOAD = "resident", "model_offload", "sequential_offload", "group_offload"
 STRATEGIES = (RESIDENT, MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD, GROUP_OFFLOAD)
 PIPELINE_WIDE = (MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD)
 BLOCK_LEVEL, LEAF_LEVEL = "block_level", "leaf_level"
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-
-
-class PlanError(ValueError):
-    """A plan that diffusers would reject or rewrite, or that does not fit the pipeline."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+from planner.errors import WorkloadError
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,6 +77,6 @@ def _validate(fields: dict) -> None:
                 "max_sequence_length"):
         value = fields.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{key}={value!r} is not valid: give a positive int")
+            raise WorkloadError(f"{key}={value!r} is not valid: give a positive int")
     if fields.get("dtype", "bfloat16") not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype={fields.get('dtype')!r} is not valid: give float32, float16 or bfloat16")
+        raise WorkloadError(f"dtype={fields.get('dtype')!r} is not valid: give float32, float16 or bfloat16")

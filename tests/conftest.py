@@ -41,4 +41,12 @@ def bare_gpu():
     return dataclasses.replace(get_gpu("rtx-4090"), context_bytes=0, reserved_over_allocated=1.0)
 
 
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """A machine with one CUDA device, as far as memplan's device checks can tell: for tests that check the calls
+    into diffusers/accelerate on device "cuda" with those calls mocked (nothing here has a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
 TINY_WORKLOAD = dict(height=32, width=32, num_inference_steps=2)

@@ -167,7 +167,7 @@ BAD = {  # case → (args, what the one stderr line must name)
     "zero steps on estimate": (["estimate", "sd15", "--plan", "plan-4GB.json", "--steps", "0"],
                                "num_inference_steps=0"),
     "output is a directory": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--ram", "64GB",
-                               "--trials", "5", "-o", "."], "Is a directory"),
+                               "--trials", "5", "-o", "."], "output '.' is a directory"),
     "unknown device": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--device", "tpu"],
                        "device 'tpu' is not supported"),
     "bad storage": (["plan", "sd15", "--budget", "4GB", "--gpu", "rtx-4090", "--ram", "64GB",
