@@ -76,7 +76,7 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     return _make_plan(prof, result, hw, device, budgets, space)
 
 
-WORKLOAD_ARGS = ("height", "width", "num_frames", "num_inference_steps", "batch_size")
+WORKLOAD_ARGS = tuple(f.name for f in dataclasses.fields(Workload))
 
 
 def _check_flags(**flags) -> None:
@@ -107,7 +107,8 @@ def _check_workload_args(workload: dict) -> dict:
     """The workload keywords, known and integer; their ranges are the Workload's and the pipeline's to check."""
     unknown = sorted(set(workload) - set(WORKLOAD_ARGS))
     if unknown:
-        raise ArgumentError(f"unknown workload argument(s) {unknown}: the workload is given by {', '.join(WORKLOAD_ARGS)}")
+        raise ArgumentError(f"unknown workload argument(s) {unknown}: the workload is given by "
+                            f"{', '.join(WORKLOAD_ARGS)}")
     return {k: v if v is None or isinstance(v, bool) or not isinstance(v, numbers.Integral) else int(v)
             for k, v in workload.items()}
 
