@@ -215,4 +215,4 @@ def test_debug_shows_the_traceback(bad_runs):
     result = bad_runs["debug"]
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
-    assert "ValueError: size '8XB' is not understood" in result.stderr
+    assert "ArgumentError: size '8XB' is not understood" in result.stderr
