@@ -13,6 +13,7 @@ import torch
 from cost_models import GPUS, HardwareSpec, get_gpu
 from planner.devices import check_device_available, check_device_name, check_not_meta
 from planner.errors import ArgumentError, HardwareError
+from planner.guard import Planning, install, uninstall
 from planner.plan import Alternative, Plan, weights_dtype
 from planner.profiler import Profile, profile
 from planner.search import Budgets, record_measurement, search, study_name
@@ -56,6 +57,14 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
              n_trials: int | None = None, seed: int = 0, storage: str | None = None,
              show_progress_bar: bool = False, profile_backend: str = "meta", **workload) -> Plan:
     """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
+    return _plan_for(model, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
+                     n_trials=n_trials, seed=seed, storage=storage, show_progress_bar=show_progress_bar,
+                     profile_backend=profile_backend, **workload)[0]
+
+
+def _plan_for(model, vram_budget, *, ram_budget, gpu, device, allow_lossy, n_trials, seed, storage,
+              show_progress_bar, profile_backend, **workload) -> tuple[Plan, Planning]:
+    """plan_for, and what the OOM guard needs to re-plan it (profile, target, space, storage)."""
     _check_flags(allow_lossy=allow_lossy, show_progress_bar=show_progress_bar)
     n_trials = _check_search_args(n_trials, storage)
     seed = _count("seed", seed, 0, 2**32 - 1)  # numpy's seed range, which Optuna's samplers use
@@ -73,7 +82,26 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     budgets = Budgets(vram_bytes, ram_bytes)
     result = search(prof, hw, budgets, space=space, n_trials=n_trials, seed=seed, storage=storage,
                     show_progress_bar=show_progress_bar)
-    return _make_plan(prof, result, hw, device, budgets, space)
+    return _make_plan(prof, result, hw, device, budgets, space), Planning(prof, hw, space, storage)
+
+
+def replan(plan: Plan, planning: Planning, vram_bytes: int, keep_storage: dict[str, str | None]) -> Plan:
+    """The fastest plan of `plan`'s study within `vram_bytes`, other than `plan` itself, keeping each component's
+    storage dtype as `keep_storage` says (the OOM guard: fp8 casting cannot be undone, so it is never added)."""
+    def accept(choice) -> bool:
+        return choice != plan.choice and all(choice.components[n].storage_dtype == d for n, d in keep_storage.items())
+
+    budgets = Budgets(vram_bytes, plan.budgets["ram_bytes"])
+    result = search(planning.profile, planning.hardware, budgets, space=planning.space, storage=planning.storage,
+                    study_name_override=plan.search["study_name"], accept=accept)
+    new = _make_plan(planning.profile, result, planning.hardware, plan.device, budgets, planning.space)
+    return dataclasses.replace(new, search=plan.search)  # the same study: later measurements land there too
+
+
+def record_plan_failure(plan: Plan, planning: Planning) -> None:
+    """Record `plan` as failed (an OOM) in its study, so no later search of that study proposes it."""
+    record_measurement(planning.storage, plan.search["study_name"], plan.choice, planning.profile, planning.space,
+                       measured_s=None, failed=True, peak_bytes=None)
 
 
 WORKLOAD_ARGS = tuple(f.name for f in dataclasses.fields(Workload))
@@ -169,7 +197,8 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
              gpu: str | HardwareSpec | None = None, device: str | None = None, height: int | None = None,
              width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
              batch_size: int = 1, allow_lossy: bool = True, n_trials: int | None = None, seed: int = 0,
-             storage: str | None = None, profile_backend: str = "meta", apply: bool = True) -> Plan:
+             storage: str | None = None, profile_backend: str = "meta", apply: bool = True,
+             oom_guard: bool = False) -> Plan:
     """Choose the fastest memory plan for `pipe` that fits the budgets, and apply it.
 
     Example:
@@ -192,19 +221,31 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
             (run the loaded modules where they are: measured seconds per call and block, and on CUDA the
             allocator's own peaks; needs the pipeline on the target device).
         apply: apply the plan to `pipe` before returning it.
+        oom_guard: guard `pipe`'s calls: an out-of-memory error in one re-plans from the same study for the
+            budget less the measured shortfall, applies that plan and retries once (planner.guard); needs apply.
 
     Raises:
-        ValueError: bad input, named. planner.search.BudgetError: no plan fits; it names the minimum.
+        planner.errors.MemplanError (a ValueError): bad input, named; BudgetError when no plan fits (it names the
+        minimum); DeviceError for a device this machine lacks. On any error `pipe` is as it was.
     """
-    _check_flags(apply=apply)
+    _check_flags(apply=apply, oom_guard=oom_guard)
+    if oom_guard and not apply:
+        raise ArgumentError("oom_guard=True guards the calls of the pipeline the plan is applied to: it needs "
+                            "apply=True")
     if apply:  # before the search, not after it
         device = _check_applicable(pipe, device or _default_device())
-    plan = plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
-                    n_trials=n_trials, seed=seed, storage=storage, profile_backend=profile_backend,
-                    height=height, width=width,
-                    num_frames=num_frames, num_inference_steps=num_inference_steps, batch_size=batch_size)
+    if oom_guard and storage is None:  # the study must outlive this call: the guard re-plans from it
+        storage = optuna.storages.InMemoryStorage()
+    plan, planning = _plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device,
+                               allow_lossy=allow_lossy, n_trials=n_trials, seed=seed, storage=storage,
+                               show_progress_bar=False, profile_backend=profile_backend, height=height, width=width,
+                               num_frames=num_frames, num_inference_steps=num_inference_steps,
+                               batch_size=batch_size)
     if apply:
         plan.apply(pipe)
+        uninstall(pipe)  # a guard from an earlier optimize() guards the plan just replaced
+    if oom_guard:
+        install(pipe, plan, planning)
     return plan
 
 

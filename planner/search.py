@@ -18,6 +18,7 @@ import math
 import uuid
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import optuna
 
@@ -339,13 +340,14 @@ def _add_classics(study: optuna.Study, profile: Profile, hw: HardwareSpec, budge
 
 def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: SearchSpace = SearchSpace(),
            n_trials: int | None = None, seed: int = 0, storage: str | optuna.storages.BaseStorage | None = None,
-           study_name_override: str | None = None, show_progress_bar: bool = False) -> SearchResult:
+           study_name_override: str | None = None, show_progress_bar: bool = False,
+           accept: Callable[[Choice], bool] | None = None) -> SearchResult:
     """Run (or resume) the study and return the fastest feasible plan and the feasible Pareto front.
 
     The study starts from the classic plans (added as priced trials), then TPE samples `n_trials` trials
     (None: DEFAULT_N_TRIALS), then the best trial of each pipeline mode is polished by local search (`polish`) and every
     polished plan is added to the study as a trial, so a shared storage keeps it. Plans recorded as failed by
-    `record_measurement` are never returned.
+    `record_measurement` are never returned, nor plans `accept` refuses.
 
     Example:
         >>> result = search(prof, get_gpu("rtx-4090"), Budgets(8 * 10**9, 64 * 10**9), storage="sqlite:///m.db")
@@ -363,7 +365,8 @@ def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: Searc
     _polish_study(study, profile, hw, budgets, space)
     cands = _candidates(study)
     failed = _measured_failures(study)
-    feasible = [c for c in cands if c.fits(budgets) and _choice_key(c.choice) not in failed]
+    feasible = [c for c in cands if c.fits(budgets) and _choice_key(c.choice) not in failed
+                and (accept is None or accept(c.choice))]
     if not feasible:
         raise _budget_error(profile, hw, budgets, space, cands)
     best = min(feasible, key=lambda c: (c.estimate.total_s, c.estimate.card_peak_bytes))

@@ -27,7 +27,11 @@ def parse_size(value: int | float | str) -> int:
         raise ArgumentError(f"size {value!r} is not understood: give {_ACCEPTED}")
     if isinstance(value, numbers.Integral):
         return _non_negative(value, int(value))
-    if isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Rational):  # Fraction: exact
+        if value.denominator != 1:
+            raise ArgumentError(f"size {value!r} is not a whole number of bytes: give {_ACCEPTED}")
+        return _non_negative(value, int(value))
+    if isinstance(value, numbers.Real):  # float, numpy floats: a whole float is an exact int
         number = float(value)
         if not math.isfinite(number) or not number.is_integer():
             raise ArgumentError(f"size {value!r} is not a whole number of bytes: give {_ACCEPTED}")

@@ -459,3 +459,96 @@ def test_a_budget_above_the_card_warns_and_is_bounded_by_it(caplog):
     assert plan.budgets["vram_bytes"] == 24 * 2**30
     assert "VRAM budget 7450.58 GiB is more than rtx-4090 has (24.00 GiB): planning for 24.00 GiB" in caplog.text
     assert_same(before, state(pipe))
+
+
+# ---------------------------------------------------------------- the runtime OOM guard (simulated on CPU)
+
+OOM_MESSAGE = "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 7.63 GiB"
+
+
+def _inject_oom(module: torch.nn.Module, times: int | None):
+    """A forward pre-hook raising torch's OOM on the first `times` calls of `module` (None: every call)."""
+    calls = []
+
+    def hook(mod, args):
+        calls.append(1)
+        if times is None or len(calls) <= times:
+            raise torch.OutOfMemoryError(OOM_MESSAGE)
+
+    return module.register_forward_pre_hook(hook), calls
+
+
+def _guarded(bare_gpu):
+    pipe = build_tiny("flux")
+    plan = optimize(pipe, "8GB", gpu=bare_gpu, device="cpu", allow_lossy=False, n_trials=8, oom_guard=True,
+                    **TINY_WORKLOAD)
+    return pipe, plan
+
+
+def test_an_oom_is_survived_by_re_planning_for_the_shortfall_and_retrying_once(bare_gpu, caplog):
+    pipe, first = _guarded(bare_gpu)
+    handle, calls = _inject_oom(pipe.transformer, times=1)
+    with caplog.at_level(logging.WARNING, logger="planner.guard"):
+        images = run_tiny(pipe)
+    handle.remove()
+    second = pipe._memplan_plan
+    assert torch.equal(images, reference("flux"))  # the retried call ran to the end, under a lossless plan
+    assert second.choice != first.choice
+    assert second.budgets["vram_bytes"] == first.budgets["vram_bytes"] - 20 * 2**20  # less the failed request
+    assert second.predicted.card_peak_bytes <= second.budgets["vram_bytes"]
+    assert second.search["study_name"] == first.search["study_name"]  # from the same study
+    assert "out of memory under plan" in caplog.text and "shortfall 20971520 B (the failed request" in caplog.text
+    assert type(pipe).__name__ == "FluxPipeline"
+
+
+def test_a_second_oom_raises_naming_the_plan_attempted_and_puts_the_first_back(bare_gpu):
+    from planner.guard import PlanOutOfMemoryError
+
+    pipe, first = _guarded(bare_gpu)
+    run_tiny(pipe)  # a pipeline call sets attributes of its own (_guidance_scale, ...): those are not ours
+    handle, calls = _inject_oom(pipe.transformer, times=None)
+    before = state(pipe)
+    with pytest.raises(PlanOutOfMemoryError, match=r"out of memory again after re-planning: the plan attempted "
+                                                   r"was \[.*\] \(VRAM budget \d+ B") as info:
+        run_tiny(pipe)
+    assert isinstance(info.value, torch.OutOfMemoryError) and isinstance(info.value, MemplanError)
+    assert len(calls) == 2  # the call and one retry
+    assert pipe._memplan_plan.choice == first.choice
+    # Diffusers makes and memplan drops empty HookRegistries (no hook, no forward override: no behaviour) as
+    # pipeline calls and plan changes come and go; everything else must be as it was.
+    assert_same(_without_empty_registries(before), _without_empty_registries(state(pipe)))
+    handle.remove()
+    assert torch.equal(run_tiny(pipe), reference("flux"))
+
+
+def _without_empty_registries(st: dict) -> dict:
+    empty = {k for k, v in st["hooks"].items() if v == ((), None, False)}
+    st["hooks"] = {k: v for k, v in st["hooks"].items() if k not in empty}
+    st["attrs"] = {c: {n: [a for a in names if not ((c, n) in empty and a == "_diffusers_hook")]
+                       for n, names in subs.items()} for c, subs in st["attrs"].items()}
+    return st
+
+
+def test_the_guard_context_manager_guards_only_inside(bare_gpu):
+    from planner.guard import guard
+
+    pipe = build_tiny("flux")
+    plan_for_pipe = plan_for(pipe, "8GB", gpu=bare_gpu, device="cpu", allow_lossy=False, n_trials=8,
+                             **TINY_WORKLOAD)
+    plan_for_pipe.apply(pipe)
+    handle, _ = _inject_oom(pipe.transformer, times=1)
+    with guard(pipe):
+        assert torch.equal(run_tiny(pipe), reference("flux"))
+    assert type(pipe) is type(build_tiny("flux"))  # the guard is gone
+    handle.remove()
+    handle, _ = _inject_oom(pipe.transformer, times=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_tiny(pipe)
+    handle.remove()
+
+
+def test_oom_guard_needs_apply_and_a_bool():
+    with pytest.raises(ArgumentError, match="oom_guard=True guards the calls .* needs apply=True"):
+        optimize(build_tiny("flux"), "8GB", gpu="rtx-4090", device="cpu", apply=False, oom_guard=True)
+    with pytest.raises(ArgumentError, match="oom_guard='yes' is not valid"):
+        optimize(build_tiny("flux"), "8GB", gpu="rtx-4090", device="cpu", oom_guard="yes")
