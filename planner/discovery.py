@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import inspect
 import logging
@@ -40,6 +39,7 @@ import torch
 from torch.utils._python_dispatch import _pop_mode_temporarily
 from torch.utils._pytree import tree_flatten, tree_map
 
+from planner.glue import quiet_libraries
 from planner.tracing import CallTrace, _LiveBytesMode, traced_call
 from planner.zero_reads import ANSWERED, patched, run_reading_zeros, zero_reads
 
@@ -64,6 +64,7 @@ class RecordedCall:
     trace: CallTrace
     args: tuple = ()  # the meta arguments, kept to trace variants (VAE tiling) and to measure on a device
     kwargs: dict = field(default_factory=dict)
+    cast: torch.dtype | None = None  # the dtype the pipeline had moved the whole component to for this call
 
     @property
     def batch(self) -> int | None:
@@ -82,6 +83,8 @@ class Discovery:
     loop_steps: int  # denoising-loop iterations (progress-bar updates)
     output_shape: tuple[int, ...] | None  # of the pipeline's first output tensor
     answered_reads: dict[str, int]  # data-dependent ops answered as zero, by op name
+    failure: str = ""  # partial runs only: why the run stopped
+    failed_component: str = ""  # ... and the component whose call failed ("" when the pipeline's own code did)
 
     def of(self, component: str) -> list[RecordedCall]:
         return [c for c in self.calls if c.component == component]
@@ -153,9 +156,12 @@ class _Recorder:
         self.active: str | None = None  # the component whose recorded call is running
         self.calls: dict[tuple, RecordedCall] = {}
         self.outputs: dict[tuple, object] = {}
+        self.failed: str = ""
+        self.cast_to: dict[str, torch.dtype] = {}  # component -> dtype of its last `.to(dtype)` by the pipeline
+        self.no_ops: set[tuple[str, str]] = set()  # methods that ran no tensor op (`cache_context`): not traced
 
     def call(self, name: str, method: str, original: Callable, args, kwargs):
-        if self.active is not None:  # inside another recorded call: part of it
+        if self.active is not None or (name, method) in self.no_ops:  # part of another call / no compute
             return original(*args, **kwargs)
         args, kwargs = tree_map(_to_meta, (args, kwargs))
         key = (name, method, self.phase, call_signature(args, kwargs))
@@ -165,8 +171,10 @@ class _Recorder:
         trace, out = self._trace(name, method, original, args, kwargs)
         if trace.ops and _has_tensor(out):
             self.calls[key] = RecordedCall(name, method, self.phase, 1, describe_args(args, kwargs), trace,
-                                           args, dict(kwargs))
+                                           args, dict(kwargs), self.cast_to.get(name))
             self.outputs[key] = out
+        elif not trace.ops:
+            self.no_ops.add((name, method))
         return out
 
     def _trace(self, name, method, original, args, kwargs):
@@ -179,6 +187,7 @@ class _Recorder:
         except UntracedCallError:
             raise
         except Exception as err:
+            self.failed = name
             raise UntracedCallError(
                 f"{name}.{method}({describe_args(args, kwargs)}) could not be traced on meta: "
                 f"{type(err).__name__}: {err}") from err
@@ -204,14 +213,25 @@ def _public_methods(module: torch.nn.Module) -> list[str]:
     return ["forward", *names]
 
 
-def _dtype_only_move(module: torch.nn.Module):
+def _dtype_only_move(module: torch.nn.Module, name: str, recorder: _Recorder):
     """`.to(...)` that keeps the module on meta but applies a dtype, as the pipeline asked."""
     def move(*args, **kwargs):
         dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
         if dtype is not None:
             torch.nn.Module.to(module, dtype=dtype)
+            recorder.cast_to[name] = dtype
         return module
     return move
+
+
+def _dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _restore_dtypes(module: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    for n, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.dtype != dtypes[n]:
+            t.data = t.data.to(dtypes[n])
 
 
 @contextlib.contextmanager
@@ -219,14 +239,13 @@ def _wrapped(recorder: _Recorder):
     """Every public method of every twin records its calls; device moves are no-ops; dtypes restored on exit."""
     saved = {}
     for name, module in recorder.twins.items():
-        saved[name] = (dict(module.__dict__), {n: t.dtype for n, t in [*module.named_parameters(),
-                                                                         *module.named_buffers()]})
+        saved[name] = (dict(module.__dict__), _dtypes(module))
         for method in _public_methods(module):
             original = getattr(module, method)
             wrapper = (lambda *a, _n=name, _m=method, _o=original, **k: recorder.call(_n, _m, _o, a, k))
             object.__setattr__(module, method, wrapper)
         for move in _DEVICE_MOVES:
-            object.__setattr__(module, move, _dtype_only_move(module))
+            object.__setattr__(module, move, _dtype_only_move(module, name, recorder))
     try:
         yield
     finally:
@@ -235,9 +254,7 @@ def _wrapped(recorder: _Recorder):
             for key in set(module.__dict__) - set(own):
                 del module.__dict__[key]
             module.__dict__.update({k: v for k, v in own.items() if k in ("forward", *_DEVICE_MOVES)})
-            for n, t in [*module.named_parameters(), *module.named_buffers()]:
-                if t.dtype != dtypes[n]:
-                    t.data = t.data.to(dtypes[n])
+            _restore_dtypes(module, dtypes)
 
 
 def _on_cpu(original: Callable) -> Callable:
@@ -316,33 +333,43 @@ def _output_shape(output) -> tuple[int, ...] | None:
     return None
 
 
-def discover(pipe, twins: dict[str, torch.nn.Module], call_kwargs: dict) -> Discovery:
+def discover(pipe, twins: dict[str, torch.nn.Module], call_kwargs: dict, partial: bool = False) -> Discovery:
     """Run `type(pipe).__call__` on the twins with `call_kwargs` and record every component call (see module doc).
 
-    Raises UntracedCallError naming the component call, or the pipeline step, that could not run on meta."""
+    Raises UntracedCallError naming the component call, or the pipeline step, that could not run on meta; with
+    `partial=True` returns what was recorded until then, with the reason in `failure`."""
     recorder = _Recorder(twins)
     clone = _pipeline_copy(pipe, twins, recorder)
-    with _wrapped(recorder), _schedulers_on_cpu(clone), zero_reads():
+    output, failure = None, ""
+    with _wrapped(recorder), _schedulers_on_cpu(clone), quiet_libraries(), zero_reads():
         try:
             output = clone(**call_kwargs)
-        except UntracedCallError:
-            raise
+        except UntracedCallError as err:
+            failure = err
         except Exception as err:
-            raise UntracedCallError(
+            failure = UntracedCallError(
                 f"{type(pipe).__name__}.__call__ failed on meta in its own code ({recorder.phase} phase): "
-                f"{type(err).__name__}: {err}") from err
+                f"{type(err).__name__}: {err}")
+            failure.__cause__ = err
         answered = dict(ANSWERED)
-    return Discovery(list(recorder.calls.values()), recorder.loop_steps, _output_shape(output), answered)
+    if failure and not partial:
+        raise failure
+    if failure:
+        logger.warning("%s", failure)
+    return Discovery(list(recorder.calls.values()), recorder.loop_steps, _output_shape(output), answered,
+                     str(failure), recorder.failed)
 
 
 def retrace(call: RecordedCall, module: torch.nn.Module, original: Callable) -> CallTrace:
-    """`original(*call.args, **call.kwargs)` traced again (e.g. with the VAE's tiling on), reads as zeros."""
-    with zero_reads():
-        with _pop_mode_temporarily():
+    """`original(*call.args, **call.kwargs)` traced again (e.g. with the VAE's tiling on), reads as zeros, in the
+    dtype the pipeline had moved the component to for that call."""
+    dtypes = _dtypes(module)
+    if call.cast is not None:
+        torch.nn.Module.to(module, dtype=call.cast)
+    try:
+        with zero_reads(), _pop_mode_temporarily():
             trace, _ = traced_call(module, lambda: original(*call.args, **call.kwargs),
                                    inputs=(call.args, call.kwargs), mode_class=_ZeroReadsTrace)
+    finally:
+        _restore_dtypes(module, dtypes)
     return trace
-
-
-def replace_phase(call: RecordedCall, phase: str) -> RecordedCall:
-    return dataclasses.replace(call, phase=phase)

@@ -19,7 +19,7 @@ from planner.search import Budgets, record_measurement, search, study_name
 from planner.sources import PipelineSource, from_pipeline, load_source
 from planner.space import SearchSpace
 from planner.units import format_size, parse_size
-from planner.workload import Workload, default_workload
+from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def _default_device() -> str:
 def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, allow_lossy: bool = True,
              n_trials: int | None = None, seed: int = 0, storage: str | None = None,
-             show_progress_bar: bool = False, profile_backend: str = "meta", **workload) -> Plan:
+             show_progress_bar: bool = False, profile_backend: str = "meta", allow_untraced: bool = False,
+             **workload) -> Plan:
     """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
     _check_flags(allow_lossy=allow_lossy, show_progress_bar=show_progress_bar)
     n_trials = _check_search_args(n_trials, storage)
@@ -66,8 +67,7 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     vram_bytes = _bounded_by_card(vram_bytes, hw)
     device = check_device_name(device or _default_device())
     source = _source(model, profile_backend)
-    work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
-    prof = profile(source, work)
+    prof = profile(source, allow_untraced=allow_untraced, **workload)
     ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
     space = SearchSpace(cuda=torch.device(device).type == "cuda", allow_lossy=allow_lossy, allow_disk=ram_short)
     budgets = Budgets(vram_bytes, ram_bytes)
@@ -168,8 +168,9 @@ def _detect_gpu() -> HardwareSpec:
 def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, height: int | None = None,
              width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
-             batch_size: int = 1, allow_lossy: bool = True, n_trials: int | None = None, seed: int = 0,
-             storage: str | None = None, profile_backend: str = "meta", apply: bool = True) -> Plan:
+             batch_size: int = 1, max_sequence_length: int | None = None, allow_lossy: bool = True,
+             n_trials: int | None = None, seed: int = 0, storage: str | None = None, profile_backend: str = "meta",
+             allow_untraced: bool = False, apply: bool = True, **pipeline_kwargs) -> Plan:
     """Choose the fastest memory plan for `pipe` that fits the budgets, and apply it.
 
     Example:
@@ -184,13 +185,18 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
         gpu: the target GPU, a name from `memplan gpus` or a spec JSON from calibrate().
         device: where the pipeline runs ("cuda" if available, else "cpu"); on "cpu" only knobs that run on
             CPU are searched (group offloading without streams, fp8 storage, VAE tiling/slicing).
-        height, width, num_frames, num_inference_steps, batch_size: the workload (defaults: the pipeline's).
+        height, width, num_frames, num_inference_steps, batch_size, max_sequence_length, **pipeline_kwargs: the
+            workload, any argument of the pipeline's `__call__` (e.g. guidance_scale=); what is not given takes
+            the pipeline's own default (its call runs on weightless twins to learn what it does, see
+            `planner.discovery`); batch_size is its images/videos per prompt. `plan.workload` records the result.
         allow_lossy: allow fp8 storage of weights (layerwise casting: lossy, cannot be undone in process).
         n_trials, seed, storage: the Optuna study (n_trials None: the search's default, then an exact local
             polish; storage: an RDB URL such as "sqlite:///memplan.db" to persist and share the study).
         profile_backend: "meta" (default: weightless twins traced on meta, seconds for any size) or "device"
             (run the loaded modules where they are: measured seconds per call and block, and on CUDA the
             allocator's own peaks; needs the pipeline on the target device).
+        allow_untraced: plan even when a component call cannot be traced (its activations and compute then go
+            unpriced: the plan is partly blind, and says so in warnings); default: refuse with an error naming it.
         apply: apply the plan to `pipe` before returning it.
 
     Raises:
@@ -201,8 +207,9 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
         device = _check_applicable(pipe, device or _default_device())
     plan = plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
                     n_trials=n_trials, seed=seed, storage=storage, profile_backend=profile_backend,
-                    height=height, width=width,
-                    num_frames=num_frames, num_inference_steps=num_inference_steps, batch_size=batch_size)
+                    allow_untraced=allow_untraced, height=height, width=width, num_frames=num_frames,
+                    num_inference_steps=num_inference_steps, batch_size=batch_size,
+                    max_sequence_length=max_sequence_length, **pipeline_kwargs)
     if apply:
         plan.apply(pipe)
     return plan

@@ -34,19 +34,16 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
 )
 
-PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
-WORDS = "a an the of on in with and photo painting picture cat dog astronaut horse riding mars red blue".split()
-VOCAB: dict[str, int] = {t: i for i, t in enumerate([PAD, EOS, UNK, BOS, *WORDS])}
+from planner.glue import BOS, EOS, PAD, VOCAB, word_tokenizer
+
 TEXT_VOCAB_SIZE = 1000  # model embedding rows; the tokenizer only ever emits ids < len(VOCAB)
 TEXT_HIDDEN = 32
 
@@ -57,22 +54,6 @@ def _seeded(seed: int, dtype: torch.dtype, build: Callable[[], M]) -> M:
     torch.manual_seed(seed)
     # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast of a fresh (unquantized) model.
     return torch.nn.Module.to(build(), dtype=dtype).eval()
-
-
-def _tokenizer(max_length: int, bos: bool) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: lowercase, whitespace split, `[<s>] words </s>`, padded with <pad>."""
-    tok = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    single = f"{BOS} $A {EOS}" if bos else f"$A {EOS}"
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=[(t, VOCAB[t]) for t in (BOS, EOS)]
-    )
-    extra = {"bos_token": BOS} if bos else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=max_length, padding_side="right",
-        pad_token=PAD, eos_token=EOS, unk_token=UNK, **extra,
-    )
 
 
 def _clip_config(projection_dim: int = TEXT_HIDDEN) -> CLIPTextConfig:
@@ -118,8 +99,8 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
         base_image_seq_len=256, max_image_seq_len=4096,
     )
     return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(77, bos=True),
-        text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(512, bos=False), transformer=transformer,
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(77, bos=True),
+        text_encoder_2=text_encoder_2, tokenizer_2=word_tokenizer(512, bos=False), transformer=transformer,
     )
 
 
@@ -140,8 +121,8 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Sta
         timestep_spacing="leading", steps_offset=1,
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(77, bos=True),
-        tokenizer_2=_tokenizer(77, bos=True), unet=unet, scheduler=scheduler, add_watermarker=False,
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=word_tokenizer(77, bos=True),
+        tokenizer_2=word_tokenizer(77, bos=True), unet=unet, scheduler=scheduler, add_watermarker=False,
     )
 
 
@@ -156,9 +137,9 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Stab
     encoders = [_seeded(seed, dtype, lambda: CLIPTextModelWithProjection(_clip_config())) for _ in range(2)]
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=encoders[0], tokenizer=_tokenizer(77, bos=True), text_encoder_2=encoders[1],
-        tokenizer_2=_tokenizer(77, bos=True), text_encoder_3=_seeded(seed, dtype, lambda: _t5(2 * TEXT_HIDDEN)),
-        tokenizer_3=_tokenizer(256, bos=False),
+        text_encoder=encoders[0], tokenizer=word_tokenizer(77, bos=True), text_encoder_2=encoders[1],
+        tokenizer_2=word_tokenizer(77, bos=True), text_encoder_3=_seeded(seed, dtype, lambda: _t5(2 * TEXT_HIDDEN)),
+        tokenizer_3=word_tokenizer(256, bos=False),
     )
 
 
@@ -181,7 +162,7 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, two_den
     if two_denoisers:
         extra = dict(transformer_2=_seeded(seed + 1, dtype, _wan_transformer), boundary_ratio=0.875)
     return WanPipeline(
-        tokenizer=_tokenizer(512, bos=False), text_encoder=_seeded(seed, dtype, _t5), transformer=transformer,
+        tokenizer=word_tokenizer(512, bos=False), text_encoder=_seeded(seed, dtype, _t5), transformer=transformer,
         vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **extra,
     )
 
@@ -198,7 +179,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -
         up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
         layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
     ))
-    return CogVideoXPipeline(tokenizer=_tokenizer(226, bos=False), text_encoder=_seeded(seed, dtype, _t5), vae=vae,
+    return CogVideoXPipeline(tokenizer=word_tokenizer(226, bos=False), text_encoder=_seeded(seed, dtype, _t5), vae=vae,
                              transformer=transformer, scheduler=DDIMScheduler())
 
 
@@ -217,7 +198,7 @@ def tiny_ltx_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> LTXP
         patch_size_t=1, encoder_causal=True, decoder_causal=False,
     ))
     return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_seeded(seed, dtype, _t5),
-                       tokenizer=_tokenizer(128, bos=False), transformer=transformer)
+                       tokenizer=word_tokenizer(128, bos=False), transformer=transformer)
 
 
 def tiny_call_kwargs(pipe: DiffusionPipeline, seed: int = 0) -> dict[str, Any]:
