@@ -134,7 +134,7 @@ def describe_args(args, kwargs) -> str:
 def _to_meta(x):
     """A real tensor fed to a twin (a CPU timestep from the scheduler) goes where the twin is, as the pipeline would
     move it to its execution device."""
-    return x.to("meta") if isinstance(x, torch.Tensor) and not x.is_meta else x
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) and not x.is_meta else x
 
 
 def _fresh(output):

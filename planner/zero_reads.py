@@ -8,6 +8,10 @@ value would pick a *size* (a bool mask as an index, `nonzero`, `masked_select`),
 selected, so a data-dependent size is never smaller than the real one. Python-level reads that never reach the
 dispatcher (`Tensor.numpy`, `torch.autocast("meta")`) are patched for the duration and restored on exit.
 
+Real integer and bool tensors the glue moves to meta (token ids, attention masks from a real tokenizer) stay real
+on the CPU, so lengths the glue reads from them (`mask.sum(1).tolist()`) are the real ones; a component receives
+them on meta like every input.
+
 What this assumes: control flow that depends on values takes the zero branch (MoE routing sends every token to
 one expert, a glyph encoder runs only for quoted text); the traced calls are then those of that branch.
 """
@@ -97,11 +101,24 @@ def run_reading_zeros(func, args, kwargs):
     return answer(*args, **kwargs)
 
 
+def _keeps_values(func, args, kwargs) -> bool:
+    """A real integer/bool tensor (token ids, an attention mask) the glue moves to meta stays real: the glue reads
+    lengths from masks (`mask.sum(1).tolist()`), and a component's inputs go to meta when it is called."""
+    if func is not aten._to_copy.default or kwargs.get("device") is None:
+        return False
+    tensor = args[0]
+    return (torch.device(kwargs["device"]).type == "meta" and not tensor.is_meta
+            and not tensor.is_floating_point() and kwargs.get("dtype") in (None, tensor.dtype))
+
+
 class ZeroReads(TorchDispatchMode):
     """Answers the data-dependent ops that fail on meta as if every meta value were zero (see the module doc)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return run_reading_zeros(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        if _keeps_values(func, args, kwargs):
+            return args[0]
+        return run_reading_zeros(func, args, kwargs)
 
 
 def _numpy(original):
