@@ -26,7 +26,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from planner.call_args import call_kwargs, resolved_workload, workload_knobs
-from planner.discovery import DECODE, DENOISE, ENCODE, Discovery, RecordedCall, UntracedCallError, discover, retrace
+from planner.discovery import DECODE, DENOISE, ENCODE, Discovery, RecordedCall, discover, retrace
 from planner.sources import PipelineSource, compute_dtype, config_hash, meta_twin
 from planner.tracing import CallTrace, block_names, device_name, measure_call
 from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit

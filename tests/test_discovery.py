@@ -177,3 +177,40 @@ def test_untraceable_component_is_a_clear_error_naming_it():
     with pytest.raises(UntracedCallError, match=r"vae\.decode\(float32\[1,4,32,32\].*repeat_interleave"):
         discover(pipe, twins, _kwargs("flux"))
     assert "decode" not in vae.__dict__ and "forward" not in twins["vae"].__dict__  # patches removed on error
+
+
+def test_untraced_opt_in_gives_a_partly_blind_profile_that_says_so(caplog):
+    from planner.profiler import profile
+    from planner.sources import from_pipeline
+
+    pipe = tiny.tiny_flux_pipeline()
+    pipe.register_modules(vae=_MetaUntraceableVAE.from_config(pipe.vae.config))
+    knobs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16)
+    with pytest.raises(UntracedCallError, match=r"vae\.decode"):
+        profile(from_pipeline(pipe), **knobs)
+    with caplog.at_level("WARNING"):
+        prof = profile(from_pipeline(pipe), allow_untraced=True, **knobs)
+    vae = prof.components["vae"]
+    assert not vae.activations_known and vae.role == "untraced"
+    assert all(c.activations_known and c.calls for n, c in prof.components.items() if n != "vae")
+    assert any("PARTLY BLIND: vae" in note for note in prof.assumptions)
+    assert "partly blind" in caplog.text
+
+
+def test_fp8_cast_subclassed_pipeline_traces_in_its_compute_dtype():
+    """A pipeline already cast by layerwise casting (fp8 storage, fp32 compute) and of a user's subclass."""
+    from diffusers import FluxPipeline
+
+    from planner.profiler import profile
+    from planner.sources import from_pipeline
+
+    class MyFlux(FluxPipeline):
+        pass
+
+    base = tiny.tiny_flux_pipeline()
+    pipe = MyFlux(**base.components)
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    prof = profile(from_pipeline(pipe), height=32, width=32, num_inference_steps=2, max_sequence_length=16)
+    assert prof.pipeline_class == "MyFlux" and prof.workload.dtype == "float32"
+    transformer = prof.components["transformer"]
+    assert transformer.calls[0].args.startswith("hidden_states=float32") and transformer.flops_per_call > 0

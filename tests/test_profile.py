@@ -74,19 +74,7 @@ def test_zoo_parameter_counts_match_reference():
         assert abs(numel / 1e6 - millions) / millions < 1e-3, (pipeline, component)
 
 
-# Video/image families whose VAE takes 5-D latents (or another layout) that the per-family input recipes do not
-# build: profiling them needs discovery from the pipeline's own call (issue #10). Strict: the marker must go when
-# they profile.
-_RECIPES_CANNOT_PROFILE = {"cogvideox-5b", "hunyuanvideo", "ltx-video", "qwen-image"}
-
-
-def _zoo_params():
-    xfail = pytest.mark.xfail(strict=True, raises=ValueError,
-                              reason="per-family input recipes build 4-D latents for this VAE (issue #10)")
-    return [pytest.param(n, marks=xfail) if n in _RECIPES_CANNOT_PROFILE else n for n in zoo_names()]
-
-
-@pytest.mark.parametrize("name", _zoo_params())
+@pytest.mark.parametrize("name", zoo_names())  # every entry profiles: its calls come from discovery
 def test_zoo_param_bytes_are_exact(name):
     source = load_source(name)
     prof = profile(source, W)  # every component (the loop used to check only the VAE)

@@ -99,3 +99,21 @@ def test_workload_knobs_are_validated_against_the_pipeline():
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline.__call__ takes no 'max_sequence_length'"):
         call_kwargs(sdxl, {"max_sequence_length": 256})
     assert call_kwargs(sdxl, {"guidance_scale": 2.0, "batch_size": 2})["num_images_per_prompt"] == 2
+
+
+def test_folder_glue_real_where_files_exist_else_stand_ins_said(tmp_path):
+    from planner.glue import word_tokenizer
+
+    zoo = load_source("flux-dev")  # configs only: both tokenizers are stand-ins, the scheduler has its config
+    assert [n.split(":")[0] for n in zoo.assumptions] == ["tokenizer", "tokenizer_2"]
+    assert "max length 77" in zoo.assumptions[0] and "max length 512" in zoo.assumptions[1]
+    assert zoo.pipeline.scheduler.config.use_dynamic_shifting  # read from scheduler/scheduler_config.json
+    folder = tmp_path / "flux"
+    shutil.copytree(ZOO_DIR / "flux-dev", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    word_tokenizer(77, bos=True).save_pretrained(folder / "tokenizer")
+    source = load_source(folder)
+    assert [n.split(":")[0] for n in source.assumptions] == ["tokenizer_2"]
+    assert source.pipeline.tokenizer.model_max_length == 77
