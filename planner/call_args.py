@@ -11,6 +11,7 @@ import inspect
 import logging
 
 from planner.discovery import DENOISE, Discovery
+from planner.errors import ArgumentError, WorkloadError
 from planner.workload import Workload, split_knobs, validate
 
 logger = logging.getLogger(__name__)
@@ -52,13 +53,13 @@ def call_kwargs(pipeline_cls: type, knobs: dict) -> dict:
     if batch != 1:
         name = next((n for n in _BATCH_ARGS if n in params), None)
         if name is None:
-            raise ValueError(f"{pipeline_cls.__name__}.__call__ has no {' or '.join(_BATCH_ARGS)}: batch_size="
+            raise WorkloadError(f"{pipeline_cls.__name__}.__call__ has no {' or '.join(_BATCH_ARGS)}: batch_size="
                              f"{batch} cannot be passed; leave batch_size at 1")
         kwargs[name] = batch
     for name, value in knobs.items():
         if name not in params:  # a `**kwargs` catch-all would swallow it silently: only named arguments
             known = ", ".join(sorted(n for n in params if n != "self"))
-            raise ValueError(f"{pipeline_cls.__name__}.__call__ takes no {name!r}: give one of {known}")
+            raise ArgumentError(f"{pipeline_cls.__name__}.__call__ takes no {name!r}: give one of {known}")
         kwargs[name] = value
     if "prompt" in params and "prompt" not in kwargs and "prompt_embeds" not in kwargs:
         kwargs["prompt"] = DEFAULT_PROMPT
@@ -96,7 +97,7 @@ def resolved_workload(pipeline_cls: type, kwargs: dict, found: Discovery, dtype:
     for name in ("height", "width", "num_frames"):
         size.setdefault(name, kwargs.get(name, defaults.get(name)))
     if size["height"] is None or size["width"] is None:
-        raise ValueError(f"{pipeline_cls.__name__}: the output's size could not be read from the traced call; "
+        raise WorkloadError(f"{pipeline_cls.__name__}: the output's size could not be read from the traced call; "
                          "pass height= and width=")
     cfg_batch, cfg_passes = _cfg(found, batch)
     steps = kwargs.get("num_inference_steps", defaults.get("num_inference_steps")) or found.loop_steps or 1

@@ -39,6 +39,7 @@ import torch
 from torch.utils._python_dispatch import _pop_mode_temporarily
 from torch.utils._pytree import tree_flatten, tree_map
 
+from planner.errors import UnsupportedError
 from planner.glue import quiet_libraries
 from planner.tracing import CallTrace, _LiveBytesMode, traced_call
 from planner.zero_reads import ANSWERED, patched, run_reading_zeros, zero_reads
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
 
 
-class UntracedCallError(ValueError):
+class UntracedCallError(UnsupportedError):
     """A component call the pipeline makes could not be traced, so it cannot be priced."""
 
 

@@ -76,8 +76,6 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     return _make_plan(prof, result, hw, device, budgets, space)
 
 
-WORKLOAD_ARGS = tuple(f.name for f in dataclasses.fields(Workload))
-
 
 def _check_flags(**flags) -> None:
     """Flags are bools: `allow_lossy="no"` is truthy and would silently mean the opposite."""
@@ -104,11 +102,8 @@ def _check_search_args(n_trials, storage) -> int | None:
 
 
 def _check_workload_args(workload: dict) -> dict:
-    """The workload keywords, known and integer; their ranges are the Workload's and the pipeline's to check."""
-    unknown = sorted(set(workload) - set(WORKLOAD_ARGS))
-    if unknown:
-        raise ArgumentError(f"unknown workload argument(s) {unknown}: the workload is given by "
-                            f"{', '.join(WORKLOAD_ARGS)}")
+    """The workload keywords, integers as ints; any argument of the pipeline's `__call__` is a knob, and a name
+    it does not take is refused, naming them, when the call is built (`planner.call_args.call_kwargs`)."""
     return {k: v if v is None or isinstance(v, bool) or not isinstance(v, numbers.Integral) else int(v)
             for k, v in workload.items()}
 
