@@ -58,13 +58,11 @@ def _child(name: str, again: bool) -> dict:
     start = time.perf_counter()
     from planner import profiler
     from planner.sources import load_source
-    from planner.workload import default_workload
 
     imported = time.perf_counter()
     source = load_source(name)
     loaded = time.perf_counter()
-    work = default_workload(source.pipeline_class, **source.workload_defaults)
-    profiler.profile(source, work)
+    work = profiler.profile(source).workload
     profiled = time.perf_counter()
     frames = f"{work.num_frames}x" if work.num_frames else ""
     row = dict(workload=f"{frames}{work.height}x{work.width}", import_s=imported - start, load_s=loaded - imported,

@@ -104,7 +104,7 @@ def materialize(module: torch.nn.Module, device: str, seed: int) -> torch.nn.Mod
 def _tokenizers(index: dict, modules: dict, workload_defaults: dict) -> dict:
     """A small word-level tokenizer per tokenizer slot (its ids stay below any real vocab size); CLIP-style
     (<s> ... </s>, max_position_embeddings long) when the paired text encoder is a CLIP, else T5-style."""
-    from planner.tiny import _tokenizer  # the in-code tokenizer the tiny pipelines use
+    from planner.glue import word_tokenizer  # the in-code tokenizer the tiny pipelines use
 
     out = {}
     for key, value in index.items():
@@ -113,9 +113,9 @@ def _tokenizers(index: dict, modules: dict, workload_defaults: dict) -> dict:
         encoder = modules.get(key.replace("tokenizer", "text_encoder"))
         clip = encoder is not None and "CLIP" in type(encoder).__name__
         if clip:
-            out[key] = _tokenizer(encoder.config.max_position_embeddings, bos=True)
+            out[key] = word_tokenizer(encoder.config.max_position_embeddings, bos=True)
         else:
-            out[key] = _tokenizer(workload_defaults.get("max_sequence_length", 512), bos=False)
+            out[key] = word_tokenizer(workload_defaults.get("max_sequence_length", 512), bos=False)
     return out
 
 
@@ -240,7 +240,7 @@ def make_plan(scenario: Scenario, pipe):
     from planner.plan import Plan
     from planner.profiler import profile
     from planner.units import parse_size
-    from planner.workload import Workload, default_workload
+    from planner.workload import Workload
 
     hw = _hardware(scenario)
     ram = parse_size(scenario.ram_budget) if scenario.ram_budget is not None else available_ram_bytes()
@@ -250,16 +250,17 @@ def make_plan(scenario: Scenario, pipe):
                         storage=scenario.storage, **_workload(scenario, pipe))
     source = from_pipeline(pipe)
     if scenario.plan in REFERENCE_PLANS:
-        work = default_workload(source.pipeline_class, **_workload(scenario, pipe))
-        prof = profile(source, work)
+        prof = profile(source, **_workload(scenario, pipe))
+        work = prof.workload
         choice = reference_choice(scenario.plan, prof)
         comps = {n: {"class": c.class_name, "config_hash": c.config_hash} for n, c in prof.components.items()}
         return Plan(source.pipeline_class, comps, choice, estimate(prof, choice, hw), work.to_dict(),
                     {"vram_bytes": scenario.budget_bytes, "ram_bytes": ram}, hw.to_dict(), scenario.device)
     plan = Plan.load(scenario.plan)
-    work = Workload.from_dict(plan.workload) if plan.workload else default_workload(
-        source.pipeline_class, **_workload(scenario, pipe))
-    predicted = estimate(profile(source, work), plan.choice, hw)  # priced for this scenario's GPU
+    prof = profile(source, Workload.from_dict(plan.workload)) if plan.workload else profile(
+        source, **_workload(scenario, pipe))
+    work = prof.workload
+    predicted = estimate(prof, plan.choice, hw)  # priced for this scenario's GPU
     return dataclasses.replace(plan, predicted=predicted, workload=work.to_dict(), device=scenario.device)
 
 
@@ -317,13 +318,10 @@ class PhaseRecorder:
     """Hooks on each component recording every call: component, phase, start/end seconds since `start()`,
     and on CUDA the allocator peak inside that call. Hooks are removed in __exit__."""
 
-    def __init__(self, pipe, cuda: bool):
-        from cost_models.memory import PHASES
-        from planner.profiler import role_of
-
+    def __init__(self, pipe, cuda: bool, phases: dict[str, str]):
         self.cuda, self.events, self.t0 = cuda, [], time.perf_counter()
         self.modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-        self.phases = {n: PHASES.get(role_of(n, m), "other") for n, m in self.modules.items()}
+        self.phases = {n: phases.get(n, "other") for n in self.modules}
         self.handles: list = []
         self.patched: list = []
         self.peak_alloc = self.peak_reserved = 0
@@ -395,12 +393,23 @@ class PhaseRecorder:
         return t
 
 
+def _phases(pipe, plan) -> dict[str, str]:
+    """Each component's phase as discovery found it for the plan's workload (the profile is cached)."""
+    from cost_models.memory import PHASES
+    from planner.profiler import profile
+    from planner.workload import Workload
+
+    prof = profile(from_pipeline(pipe), Workload.from_dict(plan.workload)) if plan.workload else profile(
+        from_pipeline(pipe))
+    return {n: PHASES.get(c.role, "other") for n, c in prof.components.items()}
+
+
 def measure(pipe, plan, scenario: Scenario, rss_before_build: int) -> dict:
     """Warm up (excluded), run `measured_steps` steps, return the measured columns (meas_*)."""
     cuda = torch.device(scenario.device).type == "cuda"
     full_steps = int(plan.workload.get("num_inference_steps") or scenario.measured_steps)
     steps = min(scenario.measured_steps, full_steps)
-    with PhaseRecorder(pipe, cuda) as rec:
+    with PhaseRecorder(pipe, cuda, _phases(pipe, plan)) as rec:
         pipe(**call_kwargs(pipe, plan.workload, WARMUP_STEPS, scenario.seed))
         reset_rss_peak()
         rec.start()

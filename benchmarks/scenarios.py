@@ -124,15 +124,15 @@ def smoke() -> list[Scenario]:
     """CPU, tiny pipelines, seconds: two optimized plans under a binding budget and two references."""
     return [
         _tiny("tiny-flux-opt-400kB", "tiny-flux", OPTIMIZE, "400kB"),
-        _tiny("tiny-sdxl-opt-1MB", "tiny-sdxl", OPTIMIZE, "1MB"),
+        _tiny("tiny-sdxl-opt-2MB", "tiny-sdxl", OPTIMIZE, "2MB"),
         _tiny("tiny-flux-block1", "tiny-flux", "group_block_1", "400kB"),
-        _tiny("tiny-sdxl-resident", "tiny-sdxl", "all_resident", "1MB"),
+        _tiny("tiny-sdxl-resident", "tiny-sdxl", "all_resident", "2MB"),
     ]
 
 
 def tiny_references(device: str = "cpu", budgets: dict[str, str] | None = None) -> list[Scenario]:
     """Every reference strategy that runs on `device`, on both tiny pipelines."""
-    budgets = budgets or {"tiny-flux": "400kB", "tiny-sdxl": "1MB"}
+    budgets = budgets or {"tiny-flux": "400kB", "tiny-sdxl": "2MB"}
     cuda = device.startswith("cuda")
     return [_tiny(f"{pipe}-{ref}", pipe, ref, budgets[pipe], device)
             for pipe in TINY_PIPELINES for ref, needs_cuda in REFERENCE_PLANS.items() if cuda or not needs_cuda]
@@ -162,7 +162,7 @@ def gpu_sweep(gpu: str = "h100", budgets_gb: tuple[int, ...] = GPU_BUDGETS_GB,
 
 def dry_run() -> list[Scenario]:
     """The GPU sweep's shape on CPU with the tiny pipelines: optimize at three budgets, then the CPU references."""
-    budgets = {"tiny-flux": ("200kB", "400kB", "1MB"), "tiny-sdxl": ("600kB", "1MB", "8MB")}
+    budgets = {"tiny-flux": ("300kB", "400kB", "1MB"), "tiny-sdxl": ("1.5MB", "2MB", "8MB")}
     out = [_tiny(f"{pipe}-opt-{b}", pipe, OPTIMIZE, b) for pipe in TINY_PIPELINES for b in budgets[pipe]]
     return out + tiny_references("cpu")
 

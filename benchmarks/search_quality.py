@@ -35,7 +35,6 @@ from planner.sources import load_source, zoo_names
 from planner.space import SearchSpace, enumerate_component, enumerate_vae
 from planner.strategy import Choice, ComponentPlan
 from planner.units import parse_size
-from planner.workload import default_workload
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ def load_profiles(names: list[str]) -> dict[str, Profile]:
     out = {}
     for name in names:
         source = load_source(name)
-        out[name] = profile(source, default_workload(source.pipeline_class, **source.workload_defaults))
+        out[name] = profile(source)
     return out
 
 

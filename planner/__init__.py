@@ -11,7 +11,7 @@ _EXPORTS = {
     "optimize": "planner.optimizer", "plan_for": "planner.optimizer", "Plan": "planner.plan",
     "Profile": "planner.profiler", "profile": "planner.profiler", "Choice": "planner.strategy",
     "ComponentPlan": "planner.strategy",
-    "parse_size": "planner.units", "Workload": "planner.workload",
+    "parse_size": "planner.units", "Workload": "planner.workload", "UntracedCallError": "planner.discovery",
     **{name: "planner.errors" for name in ("MemplanError", "ArgumentError", "PlanError", "WorkloadError",
                                            "HardwareError", "DeviceError", "UnsupportedError", "BudgetError")},
 }

@@ -15,10 +15,9 @@ import tempfile
 import torch
 
 from planner.devices import check_device_available, check_not_meta
-from planner.inputs import compute_dtype
 from planner.plan import weights_dtype
-from planner.profiler import _bytes_by_dtype, layerwise_casting_works, role_of, tied_weights_split
-from planner.sources import config_hash
+from planner.profiler import _bytes_by_dtype, layerwise_casting_works, tied_weights_split
+from planner.sources import compute_dtype, config_hash
 from planner.strategy import (FP8_DTYPES, GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
                               ComponentPlan, PlanError)
 
@@ -66,7 +65,7 @@ def _check_component(name: str, module: torch.nn.Module, cplan: ComponentPlan) -
     if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
         raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
                         "enable_layerwise_casting); set its storage_dtype to null")
-    if cplan.fp8 and not layerwise_casting_works(module, role_of(name, module)):
+    if cplan.fp8 and not layerwise_casting_works(module):
         raise PlanError(f"{name}: an fp16 VAE with force_upcast is decoded in fp32, which fp8 casting breaks; "
                         "set its storage_dtype to null")
     tied = tied_weights_split(module, cplan.offload_type) if cplan.offload_to_disk else None

@@ -29,7 +29,14 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, dest="num_frames")
     p.add_argument("--steps", type=int, dest="num_inference_steps")
-    p.add_argument("--batch", type=int, dest="batch_size")
+    p.add_argument("--batch", type=int, dest="batch_size", help="images/videos per prompt")
+    p.add_argument("--max-sequence-length", type=int, dest="max_sequence_length")
+    p.add_argument("--call", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other argument of the pipeline's __call__, e.g. --call guidance_scale=5 (VALUE is "
+                        "read as JSON, else as a string); repeatable")
+    p.add_argument("--allow-untraced", action="store_true",
+                   help="plan even if a component call cannot be traced (partly blind: its activations and "
+                        "compute go unpriced)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +126,17 @@ def cmd_report(args) -> int:
 
 
 def _workload(args) -> dict:
-    return {k: getattr(args, k) for k in ("height", "width", "num_frames", "num_inference_steps", "batch_size")
-            if getattr(args, k, None) is not None}
+    knobs = {k: getattr(args, k) for k in ("height", "width", "num_frames", "num_inference_steps", "batch_size",
+                                           "max_sequence_length") if getattr(args, k, None) is not None}
+    for item in getattr(args, "call", []):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--call {item!r} is not NAME=VALUE: write e.g. --call guidance_scale=5")
+        try:
+            knobs[name] = json.loads(value)
+        except ValueError:
+            knobs[name] = value
+    return knobs
 
 
 def check_output(path: str) -> None:
@@ -142,7 +158,7 @@ def cmd_plan(args) -> int:
         check_output(args.output)
     plan = plan_for(args.model, args.budget, ram_budget=args.ram, gpu=args.gpu, device=args.device,
                     allow_lossy=not args.no_lossy, n_trials=args.trials, seed=args.seed, storage=args.storage,
-                    show_progress_bar=sys.stderr.isatty(),
+                    show_progress_bar=sys.stderr.isatty(), allow_untraced=args.allow_untraced,
                     **_workload(args))
     if args.output:  # first, so a bad path fails before anything is printed
         plan.save(args.output)
@@ -161,15 +177,17 @@ def cmd_estimate(args) -> int:
     from planner.plan import Plan
     from planner.profiler import profile
     from planner.sources import load_source
-    from planner.workload import Workload, default_workload
+    from planner.workload import Workload
 
     plan = Plan.load(args.plan)
     source = load_source(args.model)
     overrides = _workload(args)
-    work = Workload.from_dict({**plan.workload, **overrides}) if plan.workload else default_workload(
-        source.pipeline_class, **{**source.workload_defaults, **overrides})
     hw = get_gpu(args.gpu) if args.gpu else _plan_gpu(plan)
-    prof = profile(source, work)
+    untraced = args.allow_untraced
+    if plan.workload:  # the plan's workload as it was resolved, the command line's knobs on top
+        prof = profile(source, Workload.from_dict(plan.workload), allow_untraced=untraced, **overrides)
+    else:
+        prof = profile(source, allow_untraced=untraced, **overrides)
     plan.check_fits(prof.pipeline_class, {n: (c.class_name, c.config_hash) for n, c in prof.components.items()})
     est = estimate(prof, plan.choice, hw)
     if args.json:

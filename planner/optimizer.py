@@ -20,7 +20,7 @@ from planner.search import Budgets, record_measurement, search, study_name
 from planner.sources import PipelineSource, from_pipeline, load_source
 from planner.space import SearchSpace
 from planner.units import format_size, parse_size
-from planner.workload import Workload, default_workload
+from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,16 @@ def _default_device() -> str:
 def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, allow_lossy: bool = True,
              n_trials: int | None = None, seed: int = 0, storage: str | None = None,
-             show_progress_bar: bool = False, profile_backend: str = "meta", **workload) -> Plan:
+             show_progress_bar: bool = False, profile_backend: str = "meta", allow_untraced: bool = False,
+             **workload) -> Plan:
     """Make a Plan for `model` (pipeline, zoo name, model folder) without applying it. See `optimize`."""
     return _plan_for(model, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device, allow_lossy=allow_lossy,
                      n_trials=n_trials, seed=seed, storage=storage, show_progress_bar=show_progress_bar,
-                     profile_backend=profile_backend, **workload)[0]
+                     profile_backend=profile_backend, allow_untraced=allow_untraced, **workload)[0]
 
 
 def _plan_for(model, vram_budget, *, ram_budget, gpu, device, allow_lossy, n_trials, seed, storage,
-              show_progress_bar, profile_backend, **workload) -> tuple[Plan, Planning]:
+              show_progress_bar, profile_backend, allow_untraced, **workload) -> tuple[Plan, Planning]:
     """plan_for, and what the OOM guard needs to re-plan it (profile, target, space, storage)."""
     _check_flags(allow_lossy=allow_lossy, show_progress_bar=show_progress_bar)
     n_trials = _check_search_args(n_trials, storage)
@@ -75,8 +76,7 @@ def _plan_for(model, vram_budget, *, ram_budget, gpu, device, allow_lossy, n_tri
     vram_bytes = _bounded_by_card(vram_bytes, hw)
     device = check_device_name(device or _default_device())
     source = _source(model, profile_backend)
-    work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
-    prof = profile(source, work)
+    prof = profile(source, allow_untraced=allow_untraced, **workload)
     ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
     space = SearchSpace(cuda=torch.device(device).type == "cuda", allow_lossy=allow_lossy, allow_disk=ram_short)
     budgets = Budgets(vram_bytes, ram_bytes)
@@ -104,8 +104,6 @@ def record_plan_failure(plan: Plan, planning: Planning) -> None:
                        measured_s=None, failed=True, peak_bytes=None)
 
 
-WORKLOAD_ARGS = tuple(f.name for f in dataclasses.fields(Workload))
-
 
 def _check_flags(**flags) -> None:
     """Flags are bools: `allow_lossy="no"` is truthy and would silently mean the opposite."""
@@ -132,11 +130,8 @@ def _check_search_args(n_trials, storage) -> int | None:
 
 
 def _check_workload_args(workload: dict) -> dict:
-    """The workload keywords, known and integer; their ranges are the Workload's and the pipeline's to check."""
-    unknown = sorted(set(workload) - set(WORKLOAD_ARGS))
-    if unknown:
-        raise ArgumentError(f"unknown workload argument(s) {unknown}: the workload is given by "
-                            f"{', '.join(WORKLOAD_ARGS)}")
+    """The workload keywords, integers as ints; any argument of the pipeline's `__call__` is a knob, and a name
+    it does not take is refused, naming them, when the call is built (`planner.call_args.call_kwargs`)."""
     return {k: v if v is None or isinstance(v, bool) or not isinstance(v, numbers.Integral) else int(v)
             for k, v in workload.items()}
 
@@ -196,9 +191,9 @@ def _detect_gpu() -> HardwareSpec:
 def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | None = None,
              gpu: str | HardwareSpec | None = None, device: str | None = None, height: int | None = None,
              width: int | None = None, num_frames: int | None = None, num_inference_steps: int | None = None,
-             batch_size: int = 1, allow_lossy: bool = True, n_trials: int | None = None, seed: int = 0,
-             storage: str | None = None, profile_backend: str = "meta", apply: bool = True,
-             oom_guard: bool = False) -> Plan:
+             batch_size: int = 1, max_sequence_length: int | None = None, allow_lossy: bool = True,
+             n_trials: int | None = None, seed: int = 0, storage: str | None = None, profile_backend: str = "meta",
+             allow_untraced: bool = False, apply: bool = True, oom_guard: bool = False, **pipeline_kwargs) -> Plan:
     """Choose the fastest memory plan for `pipe` that fits the budgets, and apply it.
 
     Example:
@@ -213,13 +208,18 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
         gpu: the target GPU, a name from `memplan gpus` or a spec JSON from calibrate().
         device: where the pipeline runs ("cuda" if available, else "cpu"); on "cpu" only knobs that run on
             CPU are searched (group offloading without streams, fp8 storage, VAE tiling/slicing).
-        height, width, num_frames, num_inference_steps, batch_size: the workload (defaults: the pipeline's).
+        height, width, num_frames, num_inference_steps, batch_size, max_sequence_length, **pipeline_kwargs: the
+            workload, any argument of the pipeline's `__call__` (e.g. guidance_scale=); what is not given takes
+            the pipeline's own default (its call runs on weightless twins to learn what it does, see
+            `planner.discovery`); batch_size is its images/videos per prompt. `plan.workload` records the result.
         allow_lossy: allow fp8 storage of weights (layerwise casting: lossy, cannot be undone in process).
         n_trials, seed, storage: the Optuna study (n_trials None: the search's default, then an exact local
             polish; storage: an RDB URL such as "sqlite:///memplan.db" to persist and share the study).
         profile_backend: "meta" (default: weightless twins traced on meta, seconds for any size) or "device"
             (run the loaded modules where they are: measured seconds per call and block, and on CUDA the
             allocator's own peaks; needs the pipeline on the target device).
+        allow_untraced: plan even when a component call cannot be traced (its activations and compute then go
+            unpriced: the plan is partly blind, and says so in warnings); default: refuse with an error naming it.
         apply: apply the plan to `pipe` before returning it.
         oom_guard: guard `pipe`'s calls: an out-of-memory error in one re-plans from the same study for the
             budget less the measured shortfall, applies that plan and retries once (planner.guard); needs apply.
@@ -238,9 +238,10 @@ def optimize(pipe, vram_budget: int | str = "8GB", *, ram_budget: int | str | No
         storage = optuna.storages.InMemoryStorage()
     plan, planning = _plan_for(pipe, vram_budget, ram_budget=ram_budget, gpu=gpu, device=device,
                                allow_lossy=allow_lossy, n_trials=n_trials, seed=seed, storage=storage,
-                               show_progress_bar=False, profile_backend=profile_backend, height=height, width=width,
-                               num_frames=num_frames, num_inference_steps=num_inference_steps,
-                               batch_size=batch_size)
+                               show_progress_bar=False, profile_backend=profile_backend,
+                               allow_untraced=allow_untraced, height=height, width=width, num_frames=num_frames,
+                               num_inference_steps=num_inference_steps, batch_size=batch_size,
+                               max_sequence_length=max_sequence_length, **pipeline_kwargs)
     if apply:
         plan.apply(pipe)
         uninstall(pipe)  # a guard from an earlier optimize() guards the plan just replaced

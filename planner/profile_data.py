@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from planner.workload import Workload
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 CALL_PHASES = ("encode", "denoise", "decode")  # before, inside and after the denoising loop
 
 
@@ -67,7 +67,7 @@ class ComponentProfile:
     name: str
     class_name: str
     config_hash: str
-    role: str  # text_encoder | denoiser | vae | other
+    role: str  # the phase it works in (discovery): text_encoder | denoiser | vae | unused | untraced
     param_bytes_by_dtype: dict[str, int]
     buffer_bytes: int
     fp8_saving_bytes: int
@@ -123,6 +123,8 @@ class Profile:
     components: dict[str, ComponentProfile]
     backend: str = "meta"
     version: int = PROFILE_VERSION
+    # what the profile assumed, for humans: stand-in tokenizers, values read as zero, untraced components
+    assumptions: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,4 +140,5 @@ class Profile:
             c["calls"] = tuple(CallProfile.from_dict(call) for call in c.get("calls", ()))
             comps[name] = ComponentProfile(**c)
         return cls(data["pipeline_class"], data["source_name"], Workload.from_dict(data["workload"]), comps,
-                   data.get("backend", "meta"), data.get("version", PROFILE_VERSION))
+                   data.get("backend", "meta"), data.get("version", PROFILE_VERSION),
+                   tuple(data.get("assumptions", ())))

@@ -1,8 +1,9 @@
 """Profile: what each component of a pipeline weighs, how diffusers would split it, and what one call allocates.
 
-`profile(source, workload)` walks every nn.Module component (generic: no per-model table except the inputs of
-`planner.inputs`) and traces one call of each on the component's own device — `meta` for zoo/folder sources
-(no GPU, no weights), the real device for a loaded pipeline when `backend="device"`.
+`profile(source, **knobs)` runs the pipeline's own call on weightless twins (`planner.discovery`) to learn every
+component's calls, then walks every nn.Module component for its weights and groups: no table keyed by pipeline
+class or component name. With `backend="device"` (components loaded on a real device) each recorded call is also
+run for real there.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import torch
 
-from planner.inputs import NoInputsKnown, call_builder
-from planner.sources import PipelineSource, config_hash
-from planner.tracing import CallTrace, block_names, device_name, measure_call, trace_call
+from torch.utils._pytree import tree_map
+
+from planner.call_args import call_kwargs, resolved_workload, workload_knobs
+from planner.discovery import DECODE, DENOISE, ENCODE, Discovery, RecordedCall, discover, retrace
+from planner.sources import PipelineSource, compute_dtype, config_hash, meta_twin
+from planner.tracing import CallTrace, block_names, device_name, measure_call
 from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit
-from planner.workload import Workload
+from planner.workload import Workload, split_knobs
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +43,6 @@ FP8_ELEMENT_BYTES = 1
 
 
 # ---------------------------------------------------------------- weights
-
-def role_of(name: str, module: torch.nn.Module) -> str:
-    if name.startswith("text_encoder"):
-        return "text_encoder"
-    if name.startswith(("transformer", "unet", "prior")):
-        return "denoiser"
-    if name.startswith("vae"):
-        return "vae"
-    return "other"
-
 
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -114,14 +108,14 @@ def _leaves(module: torch.nn.Module) -> list[int]:
 
 # ---------------------------------------------------------------- calls
 
-def layerwise_casting_works(module: torch.nn.Module, role: str) -> bool:
+def layerwise_casting_works(module: torch.nn.Module) -> bool:
     """fp8 storage needs a diffusers model (its `.dtype` reports the compute dtype under casting). A fp16 VAE with
     `force_upcast` is excluded: SD/SDXL pipelines move it to fp32 for decoding, while the casting hook keeps
     casting its weights to fp16, and the decode fails on mixed dtypes."""
     if not hasattr(module, "enable_layerwise_casting"):
         return False
     config = getattr(module, "config", None)
-    upcasts = role == "vae" and bool(getattr(config, "force_upcast", False))
+    upcasts = bool(getattr(config, "force_upcast", False))
     return not (upcasts and any(p.dtype == torch.float16 for p in module.parameters()))
 
 
@@ -139,37 +133,12 @@ def tied_weights_split(module: torch.nn.Module, offload_type: str | None) -> lis
     return None
 
 
-def calls_per_run(role: str, workload: Workload) -> int:
-    """Calls of a component in one pipeline call. Text encoders run for the prompt and, with CFG, for the
-    negative prompt; the denoiser runs steps x separate CFG passes; the VAE decodes once."""
-    cfg = workload.cfg_batch > 1 or workload.cfg_passes > 1
-    return {"text_encoder": 2 if cfg else 1, "denoiser": workload.num_inference_steps * workload.cfg_passes,
-            "vae": 1}.get(role, 0)
-
-
-def _trace(module, role, workload):
-    """Trace one call; on a real device with the real attention kernels (flash on CUDA and on the CPU)."""
-    fn = call_builder(module, role, workload)
-    on_meta = next(module.parameters()).device.type == "meta"
-    return trace_call(module, fn, replace_sdpa=on_meta)
-
-
-def _measure(module, role, workload, blocks) -> tuple[dict, tuple[Unit, ...]]:
-    """The device backend: time one real call (and its blocks); on CUDA the allocator's peak replaces the
-    traced activation peak, as what the target really allocates (workspaces included)."""
-    with _vae_flags(module, tiling=False, slicing=False) if role == "vae" else contextlib.nullcontext():
-        got = measure_call(module, call_builder(module, role, workload))
-    blocks = tuple(dataclasses.replace(b, measured_s=got.block_s.get(b.name)) for b in blocks)
-    fields = {"measured_call_s": got.call_s, "measured_on": got.device_name}
-    if got.allocator_peak_bytes is not None:
-        fields["activation_peak_bytes"] = got.allocator_peak_bytes
-    return fields, blocks
-
-
-def _with_block_flops(blocks, unmatched, trace) -> tuple[tuple[Unit, ...], Unit]:
-    blocks = tuple(dataclasses.replace(b, flops=trace.block_flops.get(b.name, 0.0)) for b in blocks)
-    rest = trace.flops - sum(b.flops for b in blocks)
-    return blocks, dataclasses.replace(unmatched, flops=rest)
+def _call_profile(call: RecordedCall, trace: CallTrace | None = None, variant: str = "") -> CallProfile:
+    trace = trace or call.trace
+    ops = tuple(OpStat(kind, dtype, count, flops, nbytes)
+                for (kind, dtype, flops, nbytes), count in sorted(trace.ops.items()))
+    return CallProfile(call.method, call.phase, call.count, call.args_text, trace.peak_bytes, trace.peak_module,
+                       trace.flops, ops, variant)
 
 
 @contextlib.contextmanager
@@ -206,60 +175,121 @@ def _tiled_paths_watched(module):
         module.__dict__.update(shadowed)
 
 
-def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
-    """The plain decode, and its activation peaks with tiling and with slicing when the VAE offers them.
-
-    Tiling is traced first: when no tiled code path runs (the latents fit in one tile), that trace *is* the plain
-    decode, so it is not traced twice. Slicing changes nothing for one image and is traced only for batches."""
-    extra = {"supports_tiling": hasattr(module, "enable_tiling"), "supports_slicing": hasattr(module, "enable_slicing")}
-    plain = None
-    if extra["supports_tiling"]:
+def _variants(module: torch.nn.Module, call: RecordedCall) -> list[CallProfile]:
+    """A VAE call traced again on the same arguments with tiling, and with slicing, where they change it: tiling
+    only when a tiled code path runs (the latents exceed one tile), slicing only for a batch above one."""
+    found = []
+    method = getattr(module, call.method)
+    if hasattr(module, "enable_tiling"):
         with _vae_flags(module, tiling=True, slicing=False), _tiled_paths_watched(module) as used:
-            tiled = _trace(module, "vae", workload)
-        if used:  # tiled_* stay None when tiling would change nothing for this workload
-            extra.update(tiled_activation_peak_bytes=tiled.peak_bytes, tiled_flops_per_call=tiled.flops)
-        plain = None if used else tiled
-    if plain is None:
-        with _vae_flags(module, tiling=False, slicing=False):
-            plain = _trace(module, "vae", workload)
-    if extra["supports_slicing"] and workload.batch_size > 1:
+            tiled = retrace(call, module, method)
+        if used:
+            found.append(_call_profile(call, tiled, "tiled"))
+    if hasattr(module, "enable_slicing") and (call.batch or 1) > 1:
         with _vae_flags(module, tiling=False, slicing=True):
-            extra["sliced_activation_peak_bytes"] = _trace(module, "vae", workload).peak_bytes
-    return plain, extra
+            found.append(_call_profile(call, retrace(call, module, method), "sliced"))
+    return found
 
 
-def profile_component(name: str, module: torch.nn.Module, workload: Workload) -> ComponentProfile:
-    role = role_of(name, module)
+def role_from_calls(calls: tuple[CallProfile, ...]) -> str:
+    """The phase a component works in, as the cost model's summary role: called in the loop, a denoiser; after
+    it, a decoder (the VAE); only before it, an encoder; never, unused."""
+    phases = {c.phase for c in calls}
+    for phase, role in ((DENOISE, "denoiser"), (DECODE, "vae"), (ENCODE, "text_encoder")):
+        if phase in phases:
+            return role
+    return "unused"
+
+
+def _summary(calls: tuple[CallProfile, ...]) -> dict:
+    """The per-component summary fields, consistent with `calls` (kept while the cost model migrates to calls):
+    calls per run summed, the largest activation peak, FLOPs per call averaged over the calls made, the decode's
+    tiled / sliced variants."""
+    plain = [c for c in calls if not c.variant]
+    n_calls = sum(c.calls_per_run for c in plain)
+    top = max(plain, key=lambda c: c.activation_peak_bytes, default=None)
+    fields = dict(role=role_from_calls(calls), calls_per_run=n_calls,
+                  activation_peak_bytes=top.activation_peak_bytes if top else 0,
+                  activation_peak_module=top.activation_peak_module if top else "",
+                  flops_per_call=sum(c.flops * c.calls_per_run for c in plain) / n_calls if n_calls else 0.0)
+    for variant in ("tiled", "sliced"):
+        got = [c for c in calls if c.variant == variant]
+        if got:
+            fields[f"{variant}_activation_peak_bytes"] = max(c.activation_peak_bytes for c in got)
+    tiled = [c for c in calls if c.variant == "tiled"]
+    if tiled:
+        fields["tiled_flops_per_call"] = max(c.flops for c in tiled)
+    return fields
+
+
+def _with_block_flops(blocks, unmatched, calls: list[RecordedCall]) -> tuple[tuple[Unit, ...], Unit]:
+    """Per-block FLOPs of the call that does most of the component's work (the denoiser's loop call)."""
+    if not calls:
+        return blocks, unmatched
+    trace = max(calls, key=lambda c: c.count * c.trace.flops).trace
+    blocks = tuple(dataclasses.replace(b, flops=trace.block_flops.get(b.name, 0.0)) for b in blocks)
+    rest = trace.flops - sum(b.flops for b in blocks)
+    return blocks, dataclasses.replace(unmatched, flops=rest)
+
+
+def materialized(tree, device: torch.device):
+    """Real tensors on `device` in place of meta ones: random floats, zero ids and masks."""
+    def real(t):
+        if not (isinstance(t, torch.Tensor) and t.is_meta):
+            return t
+        if t.is_floating_point():
+            return torch.randn(t.shape, dtype=t.dtype, device=device)
+        return torch.zeros(t.shape, dtype=t.dtype, device=device)
+    return tree_map(real, tree)
+
+
+def _measure(module, calls: list[RecordedCall], blocks) -> tuple[dict, tuple[Unit, ...]]:
+    """The device backend: each distinct call run for real on the module's device on arguments of the recorded
+    shapes (seconds per call and per block of the main call); on CUDA the allocator's peak replaces the traced
+    activation peak, as what the target really allocates (workspaces included)."""
+    device = next(module.parameters()).device
+    seconds, peaks, main = 0.0, [], max(calls, key=lambda c: c.count * c.trace.flops)
+    block_s: dict = {}
+    with _vae_flags(module, tiling=False, slicing=False) if hasattr(module, "use_tiling") else contextlib.nullcontext():
+        for call in calls:
+            args, kwargs = materialized((call.args, call.kwargs), device)
+            got = measure_call(module, lambda: getattr(module, call.method)(*args, **kwargs))
+            seconds += got.call_s * call.count
+            peaks.append(got.allocator_peak_bytes)
+            block_s = got.block_s if call is main else block_s
+    blocks = tuple(dataclasses.replace(b, measured_s=block_s.get(b.name)) for b in blocks)
+    fields = {"measured_call_s": seconds / sum(c.count for c in calls), "measured_on": got.device_name}
+    if None not in peaks:
+        fields["activation_peak_bytes"] = max(peaks)
+    return fields, blocks
+
+
+def profile_component(name: str, module: torch.nn.Module, calls: list[RecordedCall],
+                      real: torch.nn.Module | None = None, untraced: str | None = None) -> ComponentProfile:
+    """A component's weights, groups and calls. `calls`: what discovery recorded of it on its twin `module`
+    (none: unused); `real`: the loaded module to measure the calls on (device backend); `untraced`: why its
+    calls are unknown (only under the explicit opt-in `allow_untraced`)."""
     layers = fp8_layers(module)
     blocks, unmatched, lists = _units(module, layers)
     leaves = _leaves(module)
-    extra: dict = {}
-    try:
-        if role == "vae":
-            trace, extra = _vae_traces(module, workload)
-        else:
-            trace = _trace(module, role, workload) if role != "other" else None
-    except NoInputsKnown as err:
-        logger.warning("%s: %s; its activations are not profiled (weights only)", name, err)
-        trace, extra = None, {}
+    profiles = tuple(p for c in calls for p in (_call_profile(c), *_variants(module, c)))
+    blocks, unmatched = _with_block_flops(blocks, unmatched, calls)
     measured: dict = {}
-    if trace is not None:
-        blocks, unmatched = _with_block_flops(blocks, unmatched, trace)
-        if next(module.parameters()).device.type != "meta":
-            measured, blocks = _measure(module, role, workload, blocks)
+    if real is not None and calls:
+        measured, blocks = _measure(real, calls, blocks)
+    summary = _summary(profiles)
+    if untraced is not None:
+        summary["role"] = "untraced"
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
     return ComponentProfile(
-        name=name, class_name=type(module).__name__, config_hash=config_hash(module), role=role,
+        name=name, class_name=type(module).__name__, config_hash=config_hash(module),
         param_bytes_by_dtype=_bytes_by_dtype(module), buffer_bytes=_tensor_bytes(module.buffers()),
         fp8_saving_bytes=_fp8_saving(layers), block_lists=lists, blocks=blocks, unmatched=unmatched,
         leaf_count=len(leaves), largest_leaf_bytes=max(leaves, default=0), largest_fp8_leaf_bytes=fp8_leaf,
-        calls_per_run=calls_per_run(role, workload),
-        activation_peak_bytes=measured.pop("activation_peak_bytes", trace.peak_bytes if trace else 0),
-        activation_peak_module=trace.peak_module if trace else "",
-        flops_per_call=trace.flops if trace else 0.0, activations_known=trace is not None,
-        supports_layerwise_casting=layerwise_casting_works(module, role),
+        activations_known=untraced is None, supports_tiling=hasattr(module, "enable_tiling"),
+        supports_slicing=hasattr(module, "enable_slicing"), supports_layerwise_casting=layerwise_casting_works(module),
         disk_unsafe_offload_types=tuple(t for t in ("block_level", "leaf_level") if tied_weights_split(module, t)),
-        **{**extra, **measured},
+        calls=profiles, **{**summary, **measured},
     )
 
 
@@ -275,10 +305,11 @@ def _library_versions() -> tuple[str, ...]:
     return tuple(importlib.metadata.version(lib) for lib in ("torch", "diffusers", "transformers"))
 
 
-def _cache_key(source: PipelineSource, workload: Workload, backend: str) -> str:
+def _cache_key(source: PipelineSource, knobs: dict, backend: str, allow_untraced: bool) -> str:
     parts = {n: _cache_part(m, backend) for n, m in source.components.items()}
-    blob = json.dumps([PROFILE_VERSION, _library_versions(), backend, source.pipeline_class, parts,
-                       workload.to_dict()], sort_keys=True)
+    pipeline = type(source.pipeline).__qualname__ if source.pipeline is not None else source.pipeline_class
+    blob = json.dumps([PROFILE_VERSION, _library_versions(), backend, pipeline, parts, knobs, allow_untraced,
+                       source.assumptions], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -292,24 +323,98 @@ def _cache_part(module: torch.nn.Module, backend: str) -> list:
 _MEMORY_CACHE: dict[str, Profile] = {}
 
 
-def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = True) -> Profile:
-    """Profile every nn.Module component of `source` for `workload` (cached by config hash + workload).
+def profile(source: PipelineSource, workload: Workload | None = None, *, use_cache: bool = True,
+            allow_untraced: bool = False, **knobs) -> Profile:
+    """Profile every nn.Module component of `source` for one call of its pipeline (cached by config hash + knobs).
 
-    Components on `meta` are traced without weights; components on a real device are run for real (the
-    `device` backend), which is what a loaded pipeline gets."""
+    The pipeline's own `__call__` runs once on weightless twins (`planner.discovery`): which components it calls,
+    how often, in which phase, on what; each distinct call is traced for its activation peak, FLOPs and per-op
+    data. `workload` (e.g. a plan's) and `knobs` (height=, num_inference_steps=, guidance_scale=, ... any argument
+    of the pipeline's `__call__`, batch_size for images/videos per prompt) are passed to the call; what is not
+    given takes the pipeline's own default, and the profile's `workload` is what the pipeline then ran.
+    Components on a real device are also run for real on the recorded shapes (the `device` backend).
+
+    Raises UntracedCallError naming the call that could not be traced; with `allow_untraced=True` the profile is
+    made anyway, partly blind: the untraced components are marked, and a warning is logged at every use."""
     backend = _backend(source)
-    key = _cache_key(source, workload, backend)
+    knobs = {**{k: v for k, v in source.workload_defaults.items() if k != "dtype"},
+             **(workload_knobs(workload, _pipeline_class(source)) if workload is not None else {}), **knobs}
+    # dtype: a folder's build dtype (already applied); a loaded pipeline runs in the dtypes it has
+    knobs = {k: v for k, v in knobs.items() if v is not None and k != "dtype"}
+    key = _cache_key(source, knobs, backend, allow_untraced)
     if use_cache:
         cached = _MEMORY_CACHE.get(key) or _read_cache(key)
         if cached is not None:
             _MEMORY_CACHE[key] = cached
-            return cached
+            return _warned(cached)
     start = time.perf_counter()
-    comps = {n: profile_component(n, m, workload) for n, m in source.components.items()}
-    result = Profile(source.pipeline_class, source.name, workload, comps, backend)
+    result = _profile(source, knobs, backend, allow_untraced)
     logger.info("profiled %s (%s backend) in %.2fs", source.name, backend, time.perf_counter() - start)
     _MEMORY_CACHE[key] = result
     _write_cache(key, result)
+    return _warned(result)
+
+
+def _profile(source: PipelineSource, knobs: dict, backend: str, allow_untraced: bool) -> Profile:
+    pipe_cls = _pipeline_class(source)
+    twins = {n: m if _on_meta(m) else meta_twin(m) for n, m in source.components.items()}
+    kwargs = call_kwargs(pipe_cls, knobs)
+    found = discover(source.pipeline, twins, kwargs, partial=allow_untraced)
+    blind = _blind_components(found, twins)
+    comps = {n: profile_component(n, twins[n], found.of(n), real=None if backend == "meta" else m,
+                                  untraced=blind.get(n))
+             for n, m in source.components.items()}
+    _, extra = split_knobs(knobs)
+    work = resolved_workload(pipe_cls, kwargs, found, _compute_dtype_of(comps, twins), extra)
+    return Profile(source.pipeline_class, source.name, work, comps, backend,
+                   assumptions=_assumptions(source, found, blind))
+
+
+def _pipeline_class(source: PipelineSource) -> type:
+    if source.pipeline is None:
+        raise ValueError(f"{source.name or source.pipeline_class}: no pipeline to run; make the source with "
+                         "from_pipeline() or load_source()")
+    return type(source.pipeline)
+
+
+def _on_meta(module: torch.nn.Module) -> bool:
+    return all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def _blind_components(found: Discovery, twins: dict) -> dict[str, str]:
+    """Components whose calls are unknown because the run stopped (allow_untraced only): the one that failed,
+    and every one it had not reached yet."""
+    if not found.failure:
+        return {}
+    reached = {c.component for c in found.calls}
+    return {n: found.failure for n in twins if n not in reached or n == found.failed_component}
+
+
+def _compute_dtype_of(comps: dict[str, ComponentProfile], twins: dict) -> str:
+    """The compute dtype of the component doing most of the work (the denoiser), as the workload's dtype."""
+    busiest = max(comps.values(), key=lambda c: c.flops_per_call * c.calls_per_run, default=None)
+    if busiest is None or busiest.calls_per_run == 0:
+        return Workload.dtype
+    dtype = str(compute_dtype(twins[busiest.name])).removeprefix("torch.")
+    return dtype if dtype in ("float32", "float16", "bfloat16") else Workload.dtype
+
+
+def _assumptions(source: PipelineSource, found: Discovery, blind: dict[str, str]) -> tuple[str, ...]:
+    notes = list(source.assumptions)
+    if found.answered_reads:
+        reads = ", ".join(f"{op} x{n}" for op, n in sorted(found.answered_reads.items()))
+        notes.append(f"values read from meta tensors taken as zero (sizes: every element selected): {reads}")
+    if blind:
+        notes.append(f"PARTLY BLIND: {', '.join(sorted(blind))} not traced ({found.failure}); their activations "
+                     "and compute are not priced")
+    return tuple(notes)
+
+
+def _warned(result: Profile) -> Profile:
+    blind = [n for n, c in result.components.items() if not c.activations_known]
+    if blind:
+        logger.warning("profile of %s is partly blind: %s were not traced, their activations and compute are "
+                       "not priced (allow_untraced=True)", result.source_name, ", ".join(blind))
     return result
 
 

@@ -1,11 +1,15 @@
 """Where a plan's model comes from: a zoo name, a diffusers model folder (configs suffice), or a loaded pipeline.
 
-Every source ends as a `PipelineSource`: the pipeline class name and its nn.Module components. Zoo and folder
-components are built from their configs on the `meta` device, so full-size models cost no memory and no weights.
+Every source ends as a `PipelineSource`: the pipeline class name, its nn.Module components and a pipeline object to
+run (discovery calls its own `__call__`). Zoo and folder components are built from their configs on the `meta`
+device, so full-size models cost no memory and no weights; the glue (scheduler, tokenizers, processors) is built
+from the folder's files, or, where they are missing, from the class defaults / a stand-in tokenizer (said in
+`assumptions`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,6 +36,7 @@ class PipelineSource:
     workload_defaults: dict = field(default_factory=dict)
     pipeline: object | None = None
     name: str = ""
+    assumptions: tuple[str, ...] = ()  # stand-ins used for missing files, for the profile to state
 
 
 def zoo_names() -> list[str]:
@@ -67,27 +72,57 @@ def from_pipeline(pipe, meta: bool = True) -> PipelineSource:
     return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__)
 
 
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype most of the module's floating parameters hold (fp32-kept layers aside): what it computes in."""
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else next(module.parameters()).dtype
+
+
+def _cast_dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    """Tensor name -> the dtype it computes in, for layers stored in another dtype by diffusers' layerwise
+    casting (fp8 storage): the twin carries the compute dtype, as the layer holds it while it runs."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            for name, _ in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                found[f"{prefix}.{name}" if prefix else name] = hook.compute_dtype
+    return found
+
+
+def _copied_to_meta(module: torch.nn.Module) -> torch.nn.Module:
+    """A module without a config (a plain nn.Module component): deep-copied with every tensor replaced by an
+    empty meta tensor of its shape and dtype up front, so no weight is copied."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(
+            tensor, torch.nn.Parameter) else empty
+    return copy.deepcopy(module, memo).eval()
+
+
 def meta_twin(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `module` on the meta device: rebuilt from its config, each tensor in the original's dtype."""
+    """A copy of `module` on the meta device: rebuilt from its config (same class, subclasses too), each tensor in
+    the dtype it computes in: the original's, or the compute dtype of a layerwise-cast (fp8-stored) layer."""
     config = getattr(module, "config", None)
     if config is None:
-        raise ArgumentError(f"{type(module).__name__} has no config to rebuild it from; profile it with meta=False")
+        return _copied_to_meta(module)
     with torch.device("meta"):
         twin = instantiate(type(module), config)
-    originals = dict([*module.named_parameters(), *module.named_buffers()])
+    dtypes = {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]} | _cast_dtypes(module)
     for name, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
-        if name in originals:
-            tensor.data = tensor.data.to(originals[name].dtype)
+        if name in dtypes:
+            tensor.data = tensor.data.to(dtypes[name])
     return twin.eval()
 
 
 def _load_folder(path: Path, dtype: str | None, name: str = "") -> PipelineSource:
     index = json.loads((path / "model_index.json").read_text())
     pipeline_class = index["_class_name"]
-    from planner.workload import default_workload
-
     defaults = dict(index.get("_memplan_workload", {}))
-    torch_dtype = getattr(torch, dtype or defaults.get("dtype") or default_workload(pipeline_class).dtype)
+    chosen, notes = _folder_dtype(path, index, dtype or defaults.get("dtype"))
+    torch_dtype = getattr(torch, chosen)
     components = {}
     start = time.perf_counter()
     for comp, (library, class_name) in _module_entries(index).items():
@@ -97,7 +132,28 @@ def _load_folder(path: Path, dtype: str | None, name: str = "") -> PipelineSourc
         config = json.loads(config_file.read_text())
         components[comp] = cast_like_from_pretrained(build_on_meta(library, class_name, config), torch_dtype)
     logger.debug("built %s on meta in %.2fs", path, time.perf_counter() - start)
-    return PipelineSource(pipeline_class, components, defaults, name=name or path.name)
+    from planner.glue import build_pipeline
+
+    pipe, glue_notes = build_pipeline(pipeline_class, index, path, components)
+    return PipelineSource(pipeline_class, components, defaults, pipe, name=name or path.name,
+                          assumptions=(*notes, *glue_notes))
+
+
+def _folder_dtype(path: Path, index: dict, given: str | None) -> tuple[str, list[str]]:
+    """The dtype to build a folder's components in: the one given, else the `torch_dtype` most component configs
+    name, else bfloat16 (said in the profile's assumptions)."""
+    if given:
+        return given, []
+    named = []
+    for comp in index:
+        config_file = path / comp / "config.json"
+        if not comp.startswith("_") and config_file.is_file():
+            config = json.loads(config_file.read_text())
+            named.append(config.get("torch_dtype") or config.get("dtype"))
+    named = [d for d in named if d in ("float32", "float16", "bfloat16")]
+    if named:
+        return max(set(named), key=named.count), []
+    return "bfloat16", [f"{path.name}: no dtype in the folder's configs; components built in bfloat16 (pass dtype=)"]
 
 
 _MODULE_LIBRARIES = ("diffusers", "transformers")

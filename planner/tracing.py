@@ -10,6 +10,10 @@ Attention: on meta, `scaled_dot_product_attention` would take the math path and 
 flash / memory-efficient kernels a GPU (and torch's CPU flash kernel) use do not. While tracing, SDPA is replaced by
 a stand-in that allocates only what those kernels allocate (the output and a B*H*L fp32 logsumexp) and counts the
 same FLOPs (4*B*H*L*S*D).
+
+Per op, the trace also keeps what a roofline needs: each kernel launch's kind (matmul, attention, conv, other), the
+dtype it computes in, its FLOPs and the bytes it reads and writes (`CallTrace.ops`). Views launch no kernel and
+are not counted.
 """
 
 from __future__ import annotations
@@ -35,6 +39,42 @@ class CallTrace:
     flops: float = 0.0
     block_flops: dict[str, float] = field(default_factory=dict)
     output_bytes: int = 0
+    # (kind, dtype, flops, bytes_moved) of one kernel launch -> how many launches had exactly that
+    ops: dict[tuple[str, str, float, int], int] = field(default_factory=dict)
+
+
+aten = torch.ops.aten
+_MATMUL = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten._scaled_mm, aten._int_mm}
+_CONV = {aten.convolution, aten._convolution, aten.convolution_overrideable, aten.mkldnn_convolution}
+_ATTENTION = {aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention,
+              aten._scaled_dot_product_attention_math, aten._scaled_dot_product_flash_attention_for_cpu,
+              aten._scaled_dot_product_cudnn_attention, aten._flash_attention_forward,
+              aten._efficient_attention_forward}
+# ops that allocate or reinterpret without a kernel touching the data
+_NO_KERNEL = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided,
+              aten._unsafe_view, aten.lift_fresh, aten._local_scalar_dense, aten.set_, aten.resize_}
+
+
+def _op_kind(packet) -> str:
+    if packet in _MATMUL:
+        return "matmul"
+    if packet in _CONV:
+        return "conv"
+    return "attention" if packet in _ATTENTION else "other"
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _op_stat(func, args, kwargs, out, flops: float):
+    """(kind, dtype, flops, bytes read + written) of one kernel launch, or None for ops that launch none."""
+    if func.is_view or func.overloadpacket in _NO_KERNEL:
+        return None
+    inputs = _input_tensors([*args, *kwargs.values()])
+    floats = [t for t in inputs if t.is_floating_point()] or [t for t in _tensors(out) if t.is_floating_point()]
+    dtype = str(floats[0].dtype).removeprefix("torch.") if floats else "none"
+    return _op_kind(func.overloadpacket), dtype, flops, _nbytes(inputs) + _nbytes(_tensors(out))
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -112,8 +152,11 @@ def _fresh_storage_bytes(t: torch.Tensor) -> int:
     return (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
 
 
-def _memo_entry(out, args, kwargs, flops: float):
-    """(container, [(shape, stride, dtype)], flops) if `out` is fresh meta tensors only, else _UNMEMOIZABLE."""
+def _memo_entry(out, args, kwargs, flops: float, stat):
+    """(container, [(shape, stride, dtype)], flops, op stat) if `out` is fresh meta tensors only, else
+    _UNMEMOIZABLE."""
+    if not isinstance(out, (torch.Tensor, tuple, list)):
+        return _UNMEMOIZABLE  # a Python scalar (a value read)
     outs = _tensors(out)
     if not isinstance(out, torch.Tensor) and len(outs) != len(out):
         return _UNMEMOIZABLE  # None / ints among the outputs
@@ -125,7 +168,7 @@ def _memo_entry(out, args, kwargs, flops: float):
         if not t.is_meta or t.storage_offset() or t.untyped_storage().nbytes() != _fresh_storage_bytes(t):
             return _UNMEMOIZABLE
     kind = "tensor" if isinstance(out, torch.Tensor) else type(out)
-    return kind, [(t.shape, t.stride(), t.dtype) for t in outs], flops
+    return kind, [(t.shape, t.stride(), t.dtype) for t in outs], flops, stat
 
 
 def _input_tensors(args) -> list[torch.Tensor]:
@@ -140,7 +183,7 @@ def _input_tensors(args) -> list[torch.Tensor]:
 
 
 def _from_memo(entry):
-    kind, layouts, _ = entry
+    kind, layouts, _, _ = entry
     outs = [torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in layouts]
     return outs[0] if kind == "tensor" else kind(outs)
 
@@ -149,6 +192,7 @@ class _LiveBytesMode(TorchDispatchMode):
     """Counts bytes of storages created inside the mode; a storage's bytes are released when it is freed."""
 
     def __init__(self, known: set[int], where: Callable[[], str]):
+        # `known`: storages that exist before the call (weights, inputs): never counted as allocated by it
         super().__init__()
         self.known = known
         self.where = where
@@ -161,26 +205,40 @@ class _LiveBytesMode(TorchDispatchMode):
         key = _signature(func, args, kwargs)
         entry = _META_MEMO.get(key) if key is not None else None
         if entry is None or entry is _UNMEMOIZABLE:
-            out = func(*args, **kwargs)
+            out = self.run(func, args, kwargs)
             flops = self._flops(func, out, args, kwargs)
+            stat = _op_stat(func, args, kwargs, out, flops)
             if key is not None and entry is None:
                 if len(_META_MEMO) >= _MEMO_LIMIT:
                     _META_MEMO.clear()
-                _META_MEMO[key] = _memo_entry(out, args, kwargs, flops)
+                _META_MEMO[key] = _memo_entry(out, args, kwargs, flops, stat)
         else:
-            out, flops = _from_memo(entry), entry[2]
+            out, flops, stat = _from_memo(entry), entry[2], entry[3]
         if flops:
             self.add_flops(flops)
+        if stat is not None:
+            self.add_op(stat)
         for tensor in _tensors(out):
-            self._track(tensor)
+            self._track(tensor, args, kwargs)
         return out
 
-    def _track(self, tensor: torch.Tensor) -> None:
+    def run(self, func, args, kwargs):
+        """The op itself (a subclass may answer ops that cannot run on meta)."""
+        return func(*args, **kwargs)
+
+    def add_op(self, stat) -> None:
+        self.trace.ops[stat] = self.trace.ops.get(stat, 0) + 1
+
+    def _track(self, tensor: torch.Tensor, args=(), kwargs=None) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self.known:
             return
         self.known.add(key)
+        if key in {_storage_key(t) for t in _input_tensors([*args, *(kwargs or {}).values()])}:
+            # a view of a tensor that existed before the call (one not registered as known): not allocated here
+            self._refs[key] = weakref.ref(storage, lambda ref, k=key: self._release(ref, k, 0))
+            return
         n_bytes = storage.nbytes()
         self.live_bytes += n_bytes
         # a plain weakref (kept alive here) is ~10x cheaper than weakref.finalize; its callback is the release
@@ -218,6 +276,8 @@ def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     flops = 4.0 * batch_heads * query.shape[-2] * key.shape[-2] * query.shape[-1]
     if _ACTIVE:
         _ACTIVE[-1].add_flops(flops)
+        dtype = str(query.dtype).removeprefix("torch.")
+        _ACTIVE[-1].add_op(("attention", dtype, flops, _nbytes([query, key, value, out])))
     return out
 
 
@@ -258,10 +318,18 @@ def _block_tracker(module: torch.nn.Module):
 
 def trace_call(module: torch.nn.Module, fn: Callable[[], object], replace_sdpa: bool = True) -> CallTrace:
     """Run `fn()` (a call of `module` whose inputs it builds itself) and return what it allocated above the weights."""
-    known = {_storage_key(t) for t in [*module.parameters(), *module.buffers()]}
+    return traced_call(module, fn, replace_sdpa=replace_sdpa)[0]
+
+
+def traced_call(module: torch.nn.Module, fn: Callable[[], object], inputs=(), replace_sdpa: bool = True,
+                mode_class: type = None) -> tuple[CallTrace, object]:
+    """`fn()` traced, and its result. The weights' and `inputs`' storages exist before the call and are not
+    counted; every storage the call creates is, while it lives (the result's too, as it is live at the end)."""
+    given = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    known = {_storage_key(t) for t in [*module.parameters(), *module.buffers(), *given]}
     sdpa = _flash_attention() if replace_sdpa else contextlib.nullcontext()
     with _block_tracker(module) as where, sdpa, torch.no_grad():
-        mode = _LiveBytesMode(known, where)
+        mode = (mode_class or _LiveBytesMode)(known, where)
         _ACTIVE.append(mode)
         try:
             with mode:
@@ -271,7 +339,7 @@ def trace_call(module: torch.nn.Module, fn: Callable[[], object], replace_sdpa: 
     mode.trace.output_bytes = sum(
         t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
     )
-    return mode.trace
+    return mode.trace, out
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from planner.errors import WorkloadError
 
@@ -13,8 +13,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Workload:
-    """One pipeline call. `cfg_passes` is how many denoiser calls one step makes (2: separate CFG calls),
-    `cfg_batch` how many copies of the batch one denoiser call carries (2: CFG batched)."""
+    """One pipeline call, as the pipeline ran it (discovery reads it back from the traced call: the output's size,
+    the steps, the CFG layout). `cfg_passes` is how many denoiser calls one step makes (2: separate CFG calls),
+    `cfg_batch` how many copies of the batch one denoiser call carries (2: CFG batched); `dtype` is the
+    denoiser's compute dtype."""
 
     height: int
     width: int
@@ -25,9 +27,11 @@ class Workload:
     cfg_passes: int = 1
     max_sequence_length: int = 77
     dtype: str = "bfloat16"
+    # other arguments of the pipeline call the user set (e.g. guidance_scale), passed as given
+    pipeline_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _validate(dataclasses.asdict(self))
+        validate(dataclasses.asdict(self))
 
     @property
     def torch_dtype(self):
@@ -44,35 +48,17 @@ class Workload:
         return cls(**data)
 
 
-# The default call of each pipeline class (from the diffusers pipelines' own defaults).
-# Flux embeds guidance (no CFG batch); SDXL/SD batch CFG into one UNet call; Wan makes two calls.
-_DEFAULTS: dict[str, dict] = {
-    "FluxPipeline": dict(height=1024, width=1024, num_inference_steps=28, max_sequence_length=512),
-    "StableDiffusionXLPipeline": dict(
-        height=1024, width=1024, num_inference_steps=50, cfg_batch=2, dtype="float16"
-    ),
-    "StableDiffusionPipeline": dict(
-        height=512, width=512, num_inference_steps=50, cfg_batch=2, dtype="float16"
-    ),
-    "WanPipeline": dict(
-        height=480, width=832, num_frames=81, num_inference_steps=50, cfg_passes=2, max_sequence_length=512
-    ),
-}
-_FALLBACK = dict(height=1024, width=1024, num_inference_steps=30, cfg_batch=2)
+WORKLOAD_FIELDS = ("height", "width", "num_inference_steps", "batch_size", "num_frames", "max_sequence_length")
 
 
-def default_workload(pipeline_class: str, **overrides) -> Workload:
-    """The pipeline class's default call, with the user's non-None overrides on top."""
-    base = _DEFAULTS.get(pipeline_class)
-    if base is None:
-        logger.warning("no default workload for %s; assuming %s", pipeline_class, _FALLBACK)
-        base = _FALLBACK
-    fields = dict(base)
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return Workload(**fields)
+def split_knobs(knobs: dict) -> tuple[dict, dict]:
+    """(Workload fields, other pipeline arguments) of the user's workload knobs, None values dropped."""
+    given = {k: v for k, v in knobs.items() if v is not None}
+    return ({k: v for k, v in given.items() if k in WORKLOAD_FIELDS},
+            {k: v for k, v in given.items() if k not in WORKLOAD_FIELDS})
 
 
-def _validate(fields: dict) -> None:
+def validate(fields: dict) -> None:
     for key in ("height", "width", "num_inference_steps", "batch_size", "num_frames", "cfg_batch", "cfg_passes",
                 "max_sequence_length"):
         value = fields.get(key)
@@ -80,3 +66,6 @@ def _validate(fields: dict) -> None:
             raise WorkloadError(f"{key}={value!r} is not valid: give a positive int")
     if fields.get("dtype", "bfloat16") not in ("float32", "float16", "bfloat16"):
         raise WorkloadError(f"dtype={fields.get('dtype')!r} is not valid: give float32, float16 or bfloat16")
+    extra = fields.get("pipeline_kwargs", {})
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise WorkloadError(f"pipeline_kwargs={extra!r} is not valid: give a dict of argument names to values")

@@ -15,7 +15,6 @@ from planner.optimizer import plan_for
 from planner.profiler import profile
 from planner.sources import from_pipeline
 from planner.strategy import BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, RESIDENT
-from planner.workload import default_workload
 
 PNG = "data:image/png;base64,"
 
@@ -84,7 +83,7 @@ def test_scenarios_json_and_builtins(tmp_path):
 
 def test_reference_choices_fall_back_and_clamp():
     source = from_pipeline(build_tiny("flux"))
-    prof = profile(source, default_workload("FluxPipeline", **TINY_WORKLOAD))
+    prof = profile(source, **TINY_WORKLOAD)
     block4 = reference_choice("group_block_4", prof).components
     assert block4["transformer"].offload_type == BLOCK_LEVEL
     assert block4["transformer"].num_blocks_per_group == prof.components["transformer"].max_blocks == 2
@@ -126,7 +125,7 @@ def test_report_renders_tables_and_figures(smoke_rows, tmp_path):
 
 
 def test_report_of_a_plan_alone(tmp_path, bare_gpu):
-    plan = plan_for(build_tiny("sdxl"), "1MB", gpu=bare_gpu, device="cpu", n_trials=30, **TINY_WORKLOAD)
+    plan = plan_for(build_tiny("sdxl"), "2MB", gpu=bare_gpu, device="cpu", n_trials=30, **TINY_WORKLOAD)
     plan.save(tmp_path / "plan.json")
     assert load_rows(tmp_path / "plan.json")[0]["status"] == "planned"
     assert cli_main(["report", str(tmp_path / "plan.json"), "-o", str(tmp_path / "plan.html")]) == 0

@@ -10,14 +10,13 @@ from planner import BudgetError, Plan, optimize
 from planner.profiler import profile
 from planner.sources import from_pipeline
 from planner.strategy import Choice, ComponentPlan
-from planner.workload import default_workload
 
 FP8_ATOL = 0.15  # fp8 e4m3/e5m2 storage of tiny random weights; outputs are images in [0, 1]
 
 
 def _resident_card_bytes(pipe, hw) -> int:
     source = from_pipeline(pipe)
-    prof = profile(source, default_workload(source.pipeline_class, **TINY_WORKLOAD))
+    prof = profile(source, **TINY_WORKLOAD)
     choice = Choice({n: ComponentPlan() for n in prof.components})
     return estimate(prof, choice, hw).card_peak_bytes
 

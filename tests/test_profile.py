@@ -31,7 +31,8 @@ class Toy(torch.nn.Module):
 
 
 def test_hand_computed_bytes_blocks_and_fp8():
-    comp = profile_component("other_thing", Toy(), W)  # role "other": weights only
+    comp = profile_component("other_thing", Toy(), [])  # never called: weights only
+    assert comp.role == "unused" and comp.calls == () and comp.calls_per_run == 0
     assert comp.param_bytes_by_dtype == {"float32": (12 + 3 * 56) * 4}
     assert comp.buffer_bytes == 5 * 4
     assert comp.total_bytes == (12 + 168 + 5) * 4
@@ -73,19 +74,7 @@ def test_zoo_parameter_counts_match_reference():
         assert abs(numel / 1e6 - millions) / millions < 1e-3, (pipeline, component)
 
 
-# Video/image families whose VAE takes 5-D latents (or another layout) that the per-family input recipes do not
-# build: profiling them needs discovery from the pipeline's own call (issue #10). Strict: the marker must go when
-# they profile.
-_RECIPES_CANNOT_PROFILE = {"cogvideox-5b", "hunyuanvideo", "ltx-video", "qwen-image"}
-
-
-def _zoo_params():
-    xfail = pytest.mark.xfail(strict=True, raises=ValueError,
-                              reason="per-family input recipes build 4-D latents for this VAE (issue #10)")
-    return [pytest.param(n, marks=xfail) if n in _RECIPES_CANNOT_PROFILE else n for n in zoo_names()]
-
-
-@pytest.mark.parametrize("name", _zoo_params())
+@pytest.mark.parametrize("name", zoo_names())  # every entry profiles: its calls come from discovery
 def test_zoo_param_bytes_are_exact(name):
     source = load_source(name)
     prof = profile(source, W)  # every component (the loop used to check only the VAE)
@@ -108,10 +97,10 @@ def test_fp8_is_offered_only_where_diffusers_can_apply_it():
     from planner.profiler import layerwise_casting_works
 
     sdxl, flux = load_source("sdxl-base").components, load_source("flux-dev").components
-    assert not layerwise_casting_works(sdxl["vae"], "vae")  # fp16 + force_upcast: decoded in fp32
-    assert layerwise_casting_works(sdxl["unet"], "denoiser")
-    assert layerwise_casting_works(flux["vae"], "vae")  # bf16: the Flux pipeline does not upcast
-    assert not layerwise_casting_works(flux["text_encoder_2"], "text_encoder")  # transformers: no casting API
+    assert not layerwise_casting_works(sdxl["vae"])  # fp16 + force_upcast: decoded in fp32
+    assert layerwise_casting_works(sdxl["unet"])
+    assert layerwise_casting_works(flux["vae"])  # bf16: the Flux pipeline does not upcast
+    assert not layerwise_casting_works(flux["text_encoder_2"])  # transformers: no casting API
 
 
 def test_disk_offload_is_not_offered_where_it_would_split_tied_weights():
@@ -137,11 +126,9 @@ def test_device_backend_measures_real_calls_and_agrees_with_meta():
     from cost_models import estimate, get_gpu
     from planner.sources import from_pipeline
     from planner.strategy import Choice, ComponentPlan
-    from planner.workload import default_workload
-
     pipe = build_tiny("flux")
-    work = default_workload("FluxPipeline", height=64, width=64, num_inference_steps=3, max_sequence_length=16)
-    meta, device = profile(from_pipeline(pipe), work), profile(from_pipeline(pipe, meta=False), work)
+    work = dict(height=64, width=64, num_inference_steps=3, max_sequence_length=16)
+    meta, device = profile(from_pipeline(pipe), **work), profile(from_pipeline(pipe, meta=False), **work)
     assert (meta.backend, device.backend) == ("meta", "device")
     for name, comp in device.components.items():
         assert comp.activation_peak_bytes == meta.components[name].activation_peak_bytes
@@ -165,9 +152,10 @@ def test_device_profiles_are_cached_per_card(monkeypatch):
     from planner import profiler
     from planner.sources import from_pipeline
 
-    pipe, work = build_tiny("sdxl"), Workload(height=32, width=32, num_inference_steps=2)
+    pipe, work = build_tiny("sdxl"), dict(height=32, width=32, num_inference_steps=2)
     real, twins = from_pipeline(pipe, meta=False), from_pipeline(pipe)
-    cpu_key, meta_key = profiler._cache_key(real, work, "device"), profiler._cache_key(twins, work, "meta")
+    cpu_key = profiler._cache_key(real, work, "device", False)
+    meta_key = profiler._cache_key(twins, work, "meta", False)
     monkeypatch.setattr(profiler, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert profiler._cache_key(real, work, "device") != cpu_key
-    assert profiler._cache_key(twins, work, "meta") == meta_key
+    assert profiler._cache_key(real, work, "device", False) != cpu_key
+    assert profiler._cache_key(twins, work, "meta", False) == meta_key

@@ -1,12 +1,14 @@
 """The meta-traced activation peak against a real CPU run of the same component, measured by the allocator.
 
-Prediction: `profile_component` on a `meta` copy of the component (same config, built under
-`torch.device("meta")`): our storage-lifetime TorchDispatchMode with the flash-like SDPA stand-in, no data.
+Prediction: `trace_call` on a `meta` copy of the component (same config, built under `torch.device("meta")`): our
+storage-lifetime TorchDispatchMode with the flash-like SDPA stand-in, no data, on the inputs of the hand-written
+per-family recipes of `tests/recipes.py` (kept as a cross-check of the tracer at real widths; planning itself takes
+every call from discovery, see tests/test_discovery.py).
 
 Measurement: the same component with random float32 weights, run for real on the CPU under
 `torch.profiler.profile(profile_memory=True)`. The live-bytes curve is rebuilt from the allocator's own event
-stream (every c10 CPU allocation and free, with its size and pointer, as Kineto records it), so it shares nothing
-with the tracer but the module code and the call recipe of `planner.inputs`: real kernels (CPU SDPA takes its
+stream (`tests/allocator.py`), so it shares nothing with the tracer but the module code and the call recipe:
+real kernels (CPU SDPA takes its
 flash kernel, which like our stand-in keeps no L*S scores), real frees, no dispatch mode.
 
 Kernel scratch: an allocation freed inside the same top-level aten op that made it is a workspace of this CPU
@@ -24,13 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile as torch_profile
-
-from planner.inputs import call_builder
-from planner.profiler import profile_component, role_of
+from allocator import measured_peaks
 from planner.sources import build_on_meta
+from planner.tracing import trace_call
+from recipes import call_builder
 from planner.workload import Workload
 
 ZOO = Path(__file__).parents[1] / "planner" / "zoo"
@@ -43,18 +42,18 @@ def _zoo_config(model: str, component: str, **overrides) -> dict:
     return config | overrides
 
 
-# name (its role comes from it), library, class, config at real widths with few layers, small workload
+# role (which recipe), library, class, config at real widths with few layers, small workload
 CASES = {
-    "flux_transformer": ("transformer", "diffusers", "FluxTransformer2DModel",
+    "flux_transformer": ("denoiser", "diffusers", "FluxTransformer2DModel",
                          _zoo_config("flux-dev", "transformer", num_layers=1, num_single_layers=1),
                          Workload(256, 256, 1, max_sequence_length=64, dtype="float32")),
-    "sd15_unet": ("unet", "diffusers", "UNet2DConditionModel", _zoo_config("sd15", "unet", layers_per_block=1),
+    "sd15_unet": ("denoiser", "diffusers", "UNet2DConditionModel", _zoo_config("sd15", "unet", layers_per_block=1),
                   Workload(128, 128, 1, cfg_batch=2, dtype="float32")),
     "flux_vae_decode": ("vae", "diffusers", "AutoencoderKL", _zoo_config("flux-dev", "vae"),
                         Workload(128, 128, 1, dtype="float32")),
     "sd15_clip_2_layers": ("text_encoder", "transformers", "CLIPTextModel",
                            _zoo_config("sd15", "text_encoder", num_hidden_layers=2), Workload(256, 256, 1, dtype="float32")),
-    "wan_transformer": ("transformer", "diffusers", "WanTransformer3DModel",
+    "wan_transformer": ("denoiser", "diffusers", "WanTransformer3DModel",
                         _zoo_config("wan2.1-t2v-1.3b", "transformer", num_layers=1),
                         Workload(128, 128, 1, num_frames=9, max_sequence_length=64, dtype="float32")),
     "wan_vae_decode": ("vae", "diffusers", "AutoencoderKLWan", _zoo_config("wan2.1-t2v-1.3b", "vae"),
@@ -78,45 +77,13 @@ def _real(library: str, class_name: str, config: dict) -> torch.nn.Module:
     return module
 
 
-def _allocations(node, found: list) -> list:
-    if node.tag == _EventType.Allocation:
-        found.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
-    for child in node.children:
-        _allocations(child, found)
-    return found
-
-
-def measured_peaks(fn) -> tuple[int, int]:
-    """(peak without kernel scratch, peak with it) of the bytes allocated while `fn()` runs and its result lives."""
-    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = []
-    for root in prof.profiler.kineto_results.experimental_event_tree():  # roots: top-level ops
-        allocs = sorted(_allocations(root, []))
-        opened, scratch = {}, set()
-        for i, (_, size, ptr) in enumerate(allocs):
-            if size > 0:
-                opened[ptr] = i
-            elif ptr in opened:  # freed before the op that allocated it returned
-                scratch |= {opened.pop(ptr), i}
-        events += [(t, size, i in scratch) for i, (t, size, _) in enumerate(allocs)]
-    live = peak = live_all = peak_all = 0
-    for _, size, is_scratch in sorted(events):
-        live_all += size
-        peak_all = max(peak_all, live_all)
-        if not is_scratch:
-            live += size
-            peak = max(peak, live)
-    return peak, peak_all
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_meta_activation_peak_matches_cpu_allocator(case, record_property):
-    name, library, class_name, config, workload = CASES[case]
-    predicted = profile_component(name, build_on_meta(library, class_name, config), workload).activation_peak_bytes
+    role, library, class_name, config, workload = CASES[case]
+    meta = build_on_meta(library, class_name, config)
+    predicted = trace_call(meta, call_builder(meta, role, workload)).peak_bytes
     real = _real(library, class_name, config)
-    measured, measured_with_scratch = measured_peaks(call_builder(real, role_of(name, real), workload))
+    measured, measured_with_scratch = measured_peaks(call_builder(real, role, workload))
     record_property("predicted_bytes", predicted)
     record_property("measured_bytes", measured)
     record_property("measured_with_kernel_scratch_bytes", measured_with_scratch)
@@ -130,11 +97,10 @@ def test_meta_memo_leaves_traces_unchanged(monkeypatch):
     from planner import tracing
 
     cases = [("vae", "AutoencoderKLWan", _zoo_config("wan2.1-t2v-1.3b", "vae"), Workload(64, 64, 1, num_frames=9)),
-             ("transformer", "FluxTransformer2DModel", _zoo_config("flux-dev", "transformer", num_layers=2,
+             ("denoiser", "FluxTransformer2DModel", _zoo_config("flux-dev", "transformer", num_layers=2,
                                                                    num_single_layers=2), Workload(256, 256, 1))]
-    for name, class_name, config, workload in cases:
+    for role, class_name, config, workload in cases:
         module = build_on_meta("diffusers", class_name, config)
-        role = role_of(name, module)
         memoized = tracing.trace_call(module, call_builder(module, role, workload))
         with monkeypatch.context() as patch:
             patch.setattr(tracing, "_signature", lambda *a: None)
@@ -142,17 +108,18 @@ def test_meta_memo_leaves_traces_unchanged(monkeypatch):
         assert memoized == plain
 
 
-def test_vae_traced_once_when_latents_fit_one_tile(monkeypatch):
-    from planner import profiler
+def test_vae_tiled_variant_only_where_a_tiled_path_runs():
+    """The tiny Flux VAE tiles at 16 px (8 latents): a 16 px decode fits one tile and gets no tiled variant, a
+    64 px one takes the tiled path, traced on the same latents; the VAE's flags and methods are restored."""
+    from planner.profiler import profile
+    from planner.sources import from_pipeline
+    from planner.tiny import tiny_flux_pipeline
 
-    config = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                  up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, latent_channels=4, sample_size=32)
-    vae = build_on_meta("diffusers", "AutoencoderKL", config)  # tiles of 32 px: 16 latents (2x downsampling)
-    traces = []
-    real_trace = profiler._trace
-    monkeypatch.setattr(profiler, "_trace", lambda *a: traces.append(a) or real_trace(*a))
-    fits = profiler.profile_component("vae", vae, Workload(128, 128, 1, dtype="float32"))  # 16 latents
-    assert len(traces) == 1 and fits.tiled_activation_peak_bytes is None  # tiling would change nothing
-    tiled = profiler.profile_component("vae", vae, Workload(256, 256, 1, dtype="float32"))  # 32 latents: 2x2 tiles
-    assert len(traces) == 3 and tiled.tiled_activation_peak_bytes < tiled.activation_peak_bytes
-    assert vae.use_tiling is False and "tiled_decode" not in vae.__dict__
+    source = from_pipeline(tiny_flux_pipeline())
+    fits = profile(source, height=16, width=16, num_inference_steps=1, max_sequence_length=8).components["vae"]
+    assert fits.tiled_activation_peak_bytes is None and [c.variant for c in fits.calls] == [""]
+    tiled = profile(source, height=64, width=64, num_inference_steps=1, max_sequence_length=8).components["vae"]
+    assert [(c.variant, c.args) for c in tiled.calls] == [("", "float32[1,4,32,32]"), ("tiled", "float32[1,4,32,32]")]
+    assert tiled.tiled_activation_peak_bytes == tiled.calls[1].activation_peak_bytes > 0
+    vae = source.components["vae"]
+    assert vae.use_tiling is False and "tiled_decode" not in vae.__dict__ and "decode" not in vae.__dict__

@@ -16,7 +16,6 @@ from planner.search import (BudgetError, Budgets, classic_choices, polish, recor
 from planner.sources import load_source
 from planner.space import SearchSpace, choice_trial_params, enumerate_component, enumerate_vae
 from planner.strategy import GROUP_OFFLOAD, LEAF_LEVEL, Choice, ComponentPlan
-from planner.workload import default_workload
 
 GB = 10**9
 RAM = 64 * GB
@@ -32,7 +31,7 @@ def profiles(tmp_path_factory):
         out = {}
         for name in ("sd15", "sdxl-base", "flux-schnell"):
             source = load_source(name)
-            out[name] = profile(source, default_workload(source.pipeline_class, **source.workload_defaults))
+            out[name] = profile(source)
         return out
 
 
@@ -53,6 +52,11 @@ def _brute_force(prof, hw, budgets, space=SearchSpace()):
 @pytest.mark.parametrize("vram_gb,ram_gb", [(4, 64), (6, 64), (12, 64), (8, 4), (24, 2)])
 def test_plans_fit_both_budgets(profiles, name, vram_gb, ram_gb):
     prof, hw, budgets = profiles[name], get_gpu("rtx-4090"), Budgets(vram_gb * GB, ram_gb * GB)
+    if (name, vram_gb) == ("sdxl-base", 4):  # its fp16 VAE upcasts to fp32 for the decode: 3.2 GB of activations
+        assert prof.components["vae"].activation_peak_bytes > 3 * GB
+        with pytest.raises(BudgetError, match="smallest achievable card peak"):
+            search(prof, hw, budgets, n_trials=N_TRIALS)
+        return
     result = search(prof, hw, budgets, n_trials=N_TRIALS)
     for cand in (result.best, *result.pareto):
         est = estimate(prof, cand.choice, hw)  # re-priced: the stored estimate is the real one

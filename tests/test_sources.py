@@ -9,7 +9,7 @@ import torch
 from conftest import build_tiny
 from planner.profiler import profile
 from planner.sources import ZOO_DIR, config_hash, from_pipeline, load_source, meta_twin
-from planner.workload import default_workload
+from planner.workload import Workload
 
 W = dict(height=256, width=256, num_inference_steps=2)
 
@@ -50,10 +50,11 @@ def test_unknown_component_class_is_profiled_generically(tmp_path, caplog):
            "image_size": 32, "patch_size": 8}
     (folder / "image_encoder" / "config.json").write_text(json.dumps(cfg))
     source = load_source(folder)
-    prof = profile(source, default_workload(source.pipeline_class, **W))
+    prof = profile(source, **W)
     comp = prof.components["image_encoder"]
     expected = sum(p.numel() * p.element_size() for p in source.components["image_encoder"].parameters())
-    assert comp.param_bytes == expected and comp.role == "other" and comp.calls_per_run == 0
+    # the pipeline takes an image_encoder (IP-Adapter) but a text-to-image call never runs it
+    assert comp.param_bytes == expected and comp.role == "unused" and comp.calls == () and comp.calls_per_run == 0
 
 
 def test_loaded_pipeline_profiles_through_meta_twins(tiny_kind):
@@ -76,16 +77,43 @@ def test_meta_twin_keeps_mixed_dtypes():
     assert [p.dtype for p in twin.parameters()] == [p.dtype for p in wan.parameters()]
 
 
-@pytest.mark.parametrize("cls,expected", [
-    ("FluxPipeline", (1024, 1024, 28, 1, 1)), ("StableDiffusionXLPipeline", (1024, 1024, 50, 2, 1)),
-    ("WanPipeline", (480, 832, 50, 1, 2)),
+@pytest.mark.parametrize("name,knobs,expected", [
+    # the pipelines' own defaults: default_sample_size x vae_scale_factor, __call__'s steps; CFG as traced
+    ("flux-dev", {}, (1024, 1024, None, 28, 1, 1, "bfloat16")),
+    ("sdxl-base", {}, (1024, 1024, None, 50, 2, 1, "float16")),
+    # Wan's size given small (its default 480x832 VAE trace takes a minute here): frames, steps, CFG are its own
+    ("wan2.1-t2v-1.3b", {"height": 64, "width": 64}, (64, 64, 81, 50, 1, 2, "bfloat16")),
 ])
-def test_default_workloads(cls, expected):
-    w = default_workload(cls)
-    assert (w.height, w.width, w.num_inference_steps, w.cfg_batch, w.cfg_passes) == expected
+def test_default_workloads_come_from_the_pipeline(name, knobs, expected):
+    w = profile(load_source(name), **knobs).workload
+    assert (w.height, w.width, w.num_frames, w.num_inference_steps, w.cfg_batch, w.cfg_passes, w.dtype) == expected
 
 
-def test_workload_overrides_are_validated():
-    assert default_workload("FluxPipeline", height=512).height == 512
+def test_workload_knobs_are_validated_against_the_pipeline():
+    from planner.call_args import call_kwargs
+    from planner.tiny import tiny_sdxl_pipeline
+
     with pytest.raises(ValueError, match="height"):
-        default_workload("FluxPipeline", height=-3)
+        Workload(height=-3, width=64, num_inference_steps=2)
+    sdxl = type(tiny_sdxl_pipeline())
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.__call__ takes no 'max_sequence_length'"):
+        call_kwargs(sdxl, {"max_sequence_length": 256})
+    assert call_kwargs(sdxl, {"guidance_scale": 2.0, "batch_size": 2})["num_images_per_prompt"] == 2
+
+
+def test_folder_glue_real_where_files_exist_else_stand_ins_said(tmp_path):
+    from planner.glue import word_tokenizer
+
+    zoo = load_source("flux-dev")  # configs only: both tokenizers are stand-ins, the scheduler has its config
+    assert [n.split(":")[0] for n in zoo.assumptions] == ["tokenizer", "tokenizer_2"]
+    assert "max length 77" in zoo.assumptions[0] and "max length 512" in zoo.assumptions[1]
+    assert zoo.pipeline.scheduler.config.use_dynamic_shifting  # read from scheduler/scheduler_config.json
+    folder = tmp_path / "flux"
+    shutil.copytree(ZOO_DIR / "flux-dev", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    word_tokenizer(77, bos=True).save_pretrained(folder / "tokenizer")
+    source = load_source(folder)
+    assert [n.split(":")[0] for n in source.assumptions] == ["tokenizer_2"]
+    assert source.pipeline.tokenizer.model_max_length == 77
