@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from planner.workload import Workload
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7  # 7: blocks and block lists by FQN as planner.grouping lays them out (nested lists too)
 CALL_PHASES = ("encode", "denoise", "decode")  # before, inside and after the denoising loop
 
 
@@ -71,7 +71,7 @@ class ComponentProfile:
     param_bytes_by_dtype: dict[str, int]
     buffer_bytes: int
     fp8_saving_bytes: int
-    block_lists: dict[str, int]  # ModuleList name -> number of blocks
+    block_lists: dict[str, int]  # FQN of each block list (planner.grouping) -> number of blocks
     blocks: tuple[Unit, ...]  # in call order
     unmatched: Unit
     leaf_count: int
