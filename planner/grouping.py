@@ -5,8 +5,8 @@ named in `block_modules` is walked the same way (recursively, with the same name
 gives one block per entry (chunked by num_blocks_per_group at apply time), and what is left at that level (other
 children, the level's own tensors) is that level's "unmatched" group, held for the level's whole forward.
 
-Which `block_modules` to pass: diffusers models name theirs (`_group_offload_block_modules`, e.g. the VAE's
-encoder/decoder) or have a top-level ModuleList; for those memplan passes nothing and diffusers' default stands.
+Which `block_modules` to pass: for diffusers models memplan passes nothing and diffusers' default stands (their
+top-level ModuleLists, or the modules they name in `_group_offload_block_modules`, e.g. the VAE's encoder/decoder).
 transformers text encoders (T5, UMT5, CLIP) keep their layers deeper (`encoder.block`, `text_model.encoder.layers`),
 so block_level would make one group of the whole encoder; memplan points `block_modules` at the path to the
 largest nested list, so each layer is a block and can be streamed or kept resident like a denoiser's.
@@ -21,8 +21,12 @@ raises ("Hook with name layer_execution_tracker already exists"; seen here with 
 memplan picks the level that keeps that group, deepest first (the smallest group held for the whole forward), and
 makes every other child of the other levels on the path a block module of its own (T5's `shared`, CLIP's
 `text_projection`): walked as a level, a leaf module becomes its own small synchronous group, and a level all of
-whose children are block modules has no unmatched group. A layout that still breaks the rule is not used (the
-component keeps diffusers' default: one group).
+whose children are block modules has no unmatched group. A layout that still breaks the rule, or that reaches more
+than that one list, is not used (the component keeps diffusers' default: one group).
+
+What this cannot see: a level whose forward reads a child's weights outside the child's own forward (it would
+find them offloaded). The encoders laid out here call their children (checked on CPU for T5 and CLIP by the
+residency tests' WeightPlacement); on a GPU such a read fails loudly with a device mismatch, never silently.
 """
 
 from __future__ import annotations
@@ -111,14 +115,16 @@ def _pointing_inside(module: torch.nn.Module, list_fqn: str, owner_level: int) -
 def layout(module: torch.nn.Module) -> GroupLayout:
     """The block_level layout memplan applies to `module` (see the module docstring for the choice)."""
     own = _layout_with(module, None)
-    if own.lists:
+    if own.lists or hasattr(module, "enable_group_offload"):  # a diffusers model: diffusers' own grouping stands
         return own
     nested = _largest_nested_list(module)
     if nested is None or "." not in nested:
         return own
     for owner_level in reversed(range(nested.count(".") + 1)):
         inside = _layout_with(module, _pointing_inside(module, nested, owner_level))
-        if nested in inside.lists and _streams_safe(inside):
+        # exactly that list: a model of several towers (Qwen2.5-VL: vision + language) keeps one group, as its
+        # outer forwards may use an inner tower's modules outside that tower's forward
+        if set(inside.lists) == {nested} and _streams_safe(inside):
             return inside
     logger.debug("%s: no block_modules reach %s with one prefetch level; one group", type(module).__name__, nested)
     return own
