@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from planner.profile_data import ComponentProfile, Unit
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT,
-                              SEQUENTIAL_OFFLOAD, Choice, ComponentPlan)
+                              SEQUENTIAL_OFFLOAD, Choice, ComponentPlan, PlanError)
 
 PHASES = {"text_encoder": "encode", "denoiser": "denoise", "vae": "decode"}
 # With record_stream, a group's memory returns to the allocator only once the compute stream has passed it,
@@ -27,8 +27,20 @@ def stored_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
 
 
 def kept_blocks(comp: ComponentProfile, plan: ComponentPlan) -> tuple[Unit, ...]:
-    """Partial residency: the first `resident_blocks` blocks in call order stay on the device (priced only)."""
-    return comp.blocks[:plan.resident_blocks] if plan.offload_type == BLOCK_LEVEL else ()
+    """Partial residency: the blocks named in `resident_blocks` stay on the device for the whole call."""
+    if not plan.resident_blocks:
+        return ()
+    unknown = set(plan.resident_blocks) - {b.name for b in comp.blocks}
+    if unknown:
+        raise PlanError(f"{comp.name}: resident_blocks {sorted(unknown)} are not blocks of {comp.class_name} "
+                        f"(its blocks: {_some_names(comp.blocks)}); name blocks from the profile")
+    kept = set(plan.resident_blocks)
+    return tuple(b for b in comp.blocks if b.name in kept)
+
+
+def _some_names(blocks: tuple[Unit, ...], shown: int = 4) -> str:
+    names = [b.name for b in blocks]
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "") or "none"
 
 
 def kept_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
@@ -42,7 +54,7 @@ def block_groups(comp: ComponentProfile, plan: ComponentPlan) -> list[list[Unit]
     kept = {u.name for u in kept_blocks(comp, plan)}
     groups: list[list[Unit]] = []
     for list_name in comp.block_lists:
-        units = [b for b in comp.blocks if b.name.split(".")[0] == list_name and b.name not in kept]
+        units = [b for b in comp.blocks if b.name.rsplit(".", 1)[0] == list_name and b.name not in kept]
         groups.extend(units[i:i + n] for i in range(0, len(units), n))
     return groups
 

@@ -7,6 +7,7 @@ fp8 layerwise casting cannot be undone in process: a plan needing another storag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -15,11 +16,12 @@ import tempfile
 import torch
 
 from planner.devices import check_device_available, check_not_meta
+from planner.grouping import layout
 from planner.plan import weights_dtype
 from planner.profiler import _bytes_by_dtype, layerwise_casting_works, tied_weights_split
 from planner.sources import compute_dtype, config_hash
-from planner.strategy import (FP8_DTYPES, GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD, Choice,
-                              ComponentPlan, PlanError)
+from planner.strategy import (BLOCK_LEVEL, FP8_DTYPES, GROUP_OFFLOAD, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,
+                              Choice, ComponentPlan, PlanError)
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,7 @@ def validate_plan(plan, pipe, device: str) -> None:
 
 
 def _check_component(name: str, module: torch.nn.Module, cplan: ComponentPlan) -> None:
-    if cplan.resident_blocks:
-        raise PlanError(f"{name}: resident_blocks (partial residency) is priced by `memplan estimate` but not applied "
-                        "yet: diffusers' group offloading has no per-block opt-out; set it to 0")
+    _check_kept_blocks(name, module, cplan)
     if cplan.fp8 and not hasattr(module, "enable_layerwise_casting"):
         raise PlanError(f"{name}: fp8 storage needs a diffusers model ({type(module).__name__} has no "
                         "enable_layerwise_casting); set its storage_dtype to null")
@@ -77,6 +77,30 @@ def _check_component(name: str, module: torch.nn.Module, cplan: ComponentPlan) -
     if current is not None and current != cplan.storage_dtype:
         raise PlanError(f"{name}: its weights are already stored in {current} (layerwise casting cannot be undone "
                         f"in process) and the plan needs {cplan.storage_dtype or 'the compute dtype'}: reload {name}")
+
+
+def _check_kept_blocks(name: str, module: torch.nn.Module, cplan: ComponentPlan) -> None:
+    if not cplan.resident_blocks:
+        return
+    known = set(layout(module).block_names)
+    unknown = [b for b in cplan.resident_blocks if b not in known]
+    if unknown:
+        raise PlanError(f"{name}: resident_blocks {unknown} are not blocks of {type(module).__name__} (its blocks: "
+                        f"{', '.join(sorted(known)[:4]) or 'none'}{', ...' if len(known) > 4 else ''}); re-plan or "
+                        "name blocks from `memplan show`")
+    tied = _tied_outside(module, cplan.resident_blocks)
+    if tied:
+        raise PlanError(f"{name}: the kept block's weight {' = '.join(tied)} is shared with an offloaded module, and "
+                        "offloading it would move the kept copy too; leave that block out of resident_blocks")
+
+
+def _tied_outside(module: torch.nn.Module, kept: tuple[str, ...]) -> list[str] | None:
+    """Names of one tensor held both by a kept block and by a module outside the kept blocks."""
+    names: dict[int, list[str]] = {}
+    for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
+    inside = lambda n: any(n.startswith(b + ".") for b in kept)  # noqa: E731
+    return next((ns for ns in names.values() if any(map(inside, ns)) and not all(map(inside, ns))), None)
 
 
 def _check_device(choice: Choice, device: str) -> None:
@@ -172,6 +196,7 @@ def _remove_offload_hooks(pipe) -> None:
         pipe.remove_all_hooks()
     for module in _components(pipe).values():
         _remove_diffusers_hooks(module, _GROUP_HOOKS)
+        _release_kept_blocks(module)
 
 
 def _remove_diffusers_hooks(module: torch.nn.Module, names: tuple[str, ...], force: bool = False) -> None:
@@ -222,12 +247,85 @@ def _apply_group(module: torch.nn.Module, name: str, plan: ComponentPlan, device
         if offload_dir is not None:
             os.makedirs(offload_dir, exist_ok=True)
         disk = tempfile.mkdtemp(prefix=f"{name}-" if offload_dir else f"memplan-{name}-", dir=offload_dir)
-    apply_group_offloading(
-        module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
-        offload_type=plan.offload_type, num_blocks_per_group=plan.num_blocks_per_group,
-        use_stream=plan.use_stream, record_stream=plan.record_stream,
-        low_cpu_mem_usage=plan.low_cpu_mem_usage, offload_to_disk_path=disk,
-    )
+    block_modules = layout(module).block_modules if plan.offload_type == BLOCK_LEVEL else None
+    with _kept_blocks_hidden(module, plan.resident_blocks):
+        apply_group_offloading(
+            module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+            offload_type=plan.offload_type, num_blocks_per_group=plan.num_blocks_per_group,
+            use_stream=plan.use_stream, record_stream=plan.record_stream,
+            low_cpu_mem_usage=plan.low_cpu_mem_usage, offload_to_disk_path=disk,
+            block_modules=list(block_modules) if block_modules is not None else None,
+        )
+    _keep_on_device(module, plan.resident_blocks, device)
+
+
+# ---------------------------------------------------------------- partial residency
+#
+# Mechanism: group offloading is applied to the other blocks only. While diffusers builds its groups, each block
+# list that holds kept blocks is swapped for a list of its other blocks (`_kept_blocks_hidden`); afterwards the
+# original list is put back and the kept blocks are moved to the device (`_keep_on_device`). diffusers never sees
+# the kept blocks, so they get no hook, no group, no pinned CPU copy and no disk file, and nothing ever moves them.
+# Why this is right for every path:
+# - Groups: the other blocks are chunked by num_blocks_per_group in list order, so a group may span a kept block
+#   (its members are onloaded at the first's pre-forward and offloaded after the last's forward) — the cost
+#   model prices the same chunks (cost_models.memory.block_groups).
+# - The unmatched group: diffusers gathers it from `named_parameters()` of the level being walked; with the kept
+#   blocks hidden it holds exactly the non-block tensors, as without partial residency.
+# - Streams, prefetch order: LazyPrefetchGroupOffloadingHook records the execution order on the first forward from
+#   `layer_execution_tracker` hooks, which it registers at apply time only on modules carrying a group hook. Kept
+#   blocks carry none, so the recorded chain links each offloaded group to the next offloaded one, skipping kept
+#   blocks: group i+1's copy, issued at group i's pre-forward, overlaps group i's compute and every kept block's
+#   between them. The kept blocks are placed before the first forward, so that forward runs as every later one.
+# - record_stream marks the offloaded groups' onloaded copies as used by the compute stream; kept blocks are
+#   never copied or freed, so there is nothing to record.
+# - fp8 storage: layerwise casting was applied before (it stays on the kept blocks, which live on the device in
+#   the storage dtype and are cast per forward, as everywhere). Disk offload writes only the offloaded groups.
+# - Undo: the kept blocks' names are recorded on the component; removing the hooks puts them back on the offload
+#   device with the rest of the component (`_release_kept_blocks`), and a failed apply's snapshot restores every
+#   tensor anyway. A later `_maybe_remove_and_reapply_group_offloading` (diffusers re-applies after fusing QKV or
+#   loading LoRA) would offload the kept blocks too: re-apply the plan after such edits.
+
+_KEPT_ATTR = "_memplan_kept_blocks"
+
+
+def _kept_by_list(kept: tuple[str, ...]) -> dict[str, set[int]]:
+    by_list: dict[str, set[int]] = {}
+    for name in kept:
+        list_fqn, index = name.rsplit(".", 1)
+        by_list.setdefault(list_fqn, set()).add(int(index))
+    return by_list
+
+
+@contextlib.contextmanager
+def _kept_blocks_hidden(module: torch.nn.Module, kept: tuple[str, ...]):
+    """While open, each block list holding kept blocks is replaced by a ModuleList of its other blocks."""
+    swapped = []
+    try:
+        for list_fqn, indices in _kept_by_list(kept).items():
+            parent_fqn, _, attr = list_fqn.rpartition(".")
+            parent = module.get_submodule(parent_fqn)
+            original = parent._modules[attr]
+            parent._modules[attr] = torch.nn.ModuleList(b for i, b in enumerate(original) if i not in indices)
+            swapped.append((parent, attr, original))
+        yield
+    finally:
+        for parent, attr, original in reversed(swapped):
+            parent._modules[attr] = original
+
+
+def _keep_on_device(module: torch.nn.Module, kept: tuple[str, ...], device: str) -> None:
+    if not kept:
+        return
+    for name in kept:
+        module.get_submodule(name).to(device)
+    setattr(module, _KEPT_ATTR, tuple(kept))
+    logger.debug("%s: %d blocks kept on %s", type(module).__name__, len(kept), device)
+
+
+def _release_kept_blocks(module: torch.nn.Module) -> None:
+    """Undo of `_keep_on_device`: the kept blocks go back to the offload device with the rest of the component."""
+    for name in module.__dict__.pop(_KEPT_ATTR, ()):
+        module.get_submodule(name).to("cpu")
 
 
 def _apply_vae(pipe, choice: Choice) -> None:

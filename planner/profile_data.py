@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from planner.workload import Workload
 
-PROFILE_VERSION = 7
+# 8: per-call records from discovery (issue 10) and blocks/block lists by FQN as planner.grouping lays them out
+PROFILE_VERSION = 8
 CALL_PHASES = ("encode", "denoise", "decode")  # before, inside and after the denoising loop
 
 
@@ -71,7 +72,7 @@ class ComponentProfile:
     param_bytes_by_dtype: dict[str, int]
     buffer_bytes: int
     fp8_saving_bytes: int
-    block_lists: dict[str, int]  # ModuleList name -> number of blocks
+    block_lists: dict[str, int]  # FQN of each block list (planner.grouping) -> number of blocks
     blocks: tuple[Unit, ...]  # in call order
     unmatched: Unit
     leaf_count: int

@@ -27,9 +27,10 @@ from torch.utils._pytree import tree_map
 
 from planner.call_args import call_kwargs, resolved_workload, workload_knobs
 from planner.discovery import DECODE, DENOISE, ENCODE, Discovery, RecordedCall, discover, retrace
-from planner.sources import PipelineSource, compute_dtype, config_hash, meta_twin
-from planner.tracing import CallTrace, block_names, device_name, measure_call
+from planner.grouping import group_of, layout
 from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit
+from planner.sources import PipelineSource, compute_dtype, config_hash, meta_twin
+from planner.tracing import CallTrace, device_name, measure_call
 from planner.workload import Workload, split_knobs
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def _fp8_saving(layers, prefix: str = "") -> int:
 
 
 def _units(module: torch.nn.Module, layers) -> tuple[tuple[Unit, ...], Unit, dict[str, int]]:
-    names = block_names(module)
+    groups = layout(module)
+    names = groups.block_names
     blocks = []
     for name in names:
         sub = module.get_submodule(name)
@@ -97,8 +99,7 @@ def _units(module: torch.nn.Module, layers) -> tuple[tuple[Unit, ...], Unit, dic
     fp8_total = _fp8_saving(layers)
     unmatched = Unit("unmatched", total - sum(b.n_bytes for b in blocks),
                      fp8_total - sum(b.fp8_saving_bytes for b in blocks))
-    lists = {n: len(c) for n, c in module.named_children() if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential))}
-    return tuple(blocks), unmatched, lists
+    return tuple(blocks), unmatched, {fqn: len(blocks_) for fqn, blocks_ in groups.lists.items()}
 
 
 def _leaves(module: torch.nn.Module) -> list[int]:
@@ -120,15 +121,14 @@ def layerwise_casting_works(module: torch.nn.Module) -> bool:
 
 
 def tied_weights_split(module: torch.nn.Module, offload_type: str | None) -> list[str] | None:
-    """Names of one parameter shared by several modules that group offloading may split into different groups
-    (leaf_level: always; block_level: when one of them is inside a block). Conservative for block_level."""
-    blocks = set(getattr(module, "_group_offload_block_modules", None) or ()) | {
-        n for n, child in module.named_children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}
+    """Names of one parameter shared by several modules that group offloading would split into different groups
+    (leaf_level: always; block_level: when memplan's layout puts the names in different groups)."""
+    groups = layout(module) if offload_type == "block_level" else None
     names: dict[int, list[str]] = {}
     for n, param in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(n)
     for shared in (ns for ns in names.values() if len(ns) > 1):
-        if offload_type == "leaf_level" or any(n.split(".")[0] in blocks for n in shared):
+        if groups is None or len({group_of(groups, n) for n in shared}) > 1:
             return shared
     return None
 

@@ -31,9 +31,9 @@ class ComponentPlan:
     low_cpu_mem_usage: bool = False
     offload_to_disk: bool = False
     storage_dtype: str | None = None  # None: the compute dtype; else an fp8 dtype for layerwise casting
-    # Partial residency: the first k blocks (call order) stay on the device, the rest are offloaded. Priced by
-    # the cost model; not applied yet (diffusers' group offloading has no per-block opt-out), so never searched.
-    resident_blocks: int = 0
+    # Partial residency (block_level only): these blocks (FQNs from the profile, e.g. "transformer_blocks.3") live
+    # on the device for the whole call; the others are grouped and offloaded as diffusers does (planner.apply).
+    resident_blocks: tuple[str, ...] = ()
 
     @property
     def fp8(self) -> bool:
@@ -70,9 +70,13 @@ class ComponentPlan:
                 raise PlanError(f"{name}: block_level needs num_blocks_per_group >= 1, got {n!r}")
             if self.use_stream and n != 1:
                 raise PlanError(f"{name}: use_stream requires num_blocks_per_group=1 (diffusers would rewrite {n} to 1)")
-        if not isinstance(self.resident_blocks, int) or isinstance(self.resident_blocks, bool) or self.resident_blocks < 0:
-            raise PlanError(f"{name}: resident_blocks must be an int >= 0, got {self.resident_blocks!r}")
-        if self.resident_blocks and self.offload_type != BLOCK_LEVEL:
+        kept = self.resident_blocks
+        if not isinstance(kept, tuple) or not all(isinstance(b, str) and b for b in kept):
+            raise PlanError(f"{name}: resident_blocks must be a list of block names (e.g. [\"transformer_blocks.0\"]), "
+                            f"got {kept!r}")
+        if len(set(kept)) != len(kept):
+            raise PlanError(f"{name}: resident_blocks names a block twice: {sorted(b for b in set(kept) if kept.count(b) > 1)}")
+        if kept and self.offload_type != BLOCK_LEVEL:
             raise PlanError(f"{name}: resident_blocks applies only to block_level group offloading")
         if self.record_stream and not self.use_stream:
             raise PlanError(f"{name}: record_stream requires use_stream=True")
@@ -80,14 +84,16 @@ class ComponentPlan:
             raise PlanError(f"{name}: low_cpu_mem_usage only matters with use_stream=True; remove it")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "resident_blocks": list(self.resident_blocks)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ComponentPlan":
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise PlanError(f"unknown component plan keys {sorted(unknown)}")
-        return cls(**data)
+        kept = data.get("resident_blocks", ())
+        # JSON has lists; a plan holds tuples (hashable, frozen). Anything else is left for validate() to name.
+        return cls(**{**data, "resident_blocks": tuple(kept) if isinstance(kept, list) else kept})
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from planner.grouping import block_names
+
 
 @dataclass
 class CallTrace:
@@ -289,15 +291,6 @@ def _flash_attention():
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
-
-
-def block_names(module: torch.nn.Module) -> list[str]:
-    """FQNs of the blocks group offloading would see: children of top-level ModuleList / Sequential."""
-    names = []
-    for name, child in module.named_children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
-            names.extend(f"{name}.{i}" for i in range(len(child)))
-    return names
 
 
 @contextlib.contextmanager

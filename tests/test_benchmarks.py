@@ -1,5 +1,6 @@
 """Benchmarks on CPU: a smoke sweep with tiny pipelines, failures as rows, the GPU check's dry run, reports."""
 
+import dataclasses
 import json
 
 import pytest
@@ -87,7 +88,11 @@ def test_reference_choices_fall_back_and_clamp():
     block4 = reference_choice("group_block_4", prof).components
     assert block4["transformer"].offload_type == BLOCK_LEVEL
     assert block4["transformer"].num_blocks_per_group == prof.components["transformer"].max_blocks == 2
-    assert block4["text_encoder"].offload_type == LEAF_LEVEL  # no top-level block list
+    # CLIP: its 2 nested layers are blocks (planner.grouping), so n is clamped to 2 there too
+    assert (block4["text_encoder"].offload_type, block4["text_encoder"].num_blocks_per_group) == (BLOCK_LEVEL, 2)
+    no_blocks = dataclasses.replace(prof.components["text_encoder"], blocks=(), block_lists={})
+    bare = dataclasses.replace(prof, components={**prof.components, "text_encoder": no_blocks})
+    assert reference_choice("group_block_4", bare).components["text_encoder"].offload_type == LEAF_LEVEL
     assert {p.strategy for p in reference_choice("all_resident", prof).components.values()} == {RESIDENT}
     assert reference_choice("group_leaf_stream", prof).components["vae"].strategy == GROUP_OFFLOAD
 

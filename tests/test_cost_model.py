@@ -16,6 +16,7 @@ expected second is worked out in the comments (in MB = 10**6 bytes), never copie
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -634,9 +635,9 @@ def test_calibrate_on_this_gpu():
     assert 0 < spec.context_bytes < 4 * 2**30
 
 
-def test_partial_residency_keeps_the_first_blocks_on_the_device():
+def test_partial_residency_keeps_the_named_blocks_on_the_device():
     # keep double.0 and double.1 (200 MB) resident, stream the three 60 MB blocks one by one (n=1, no streams)
-    kept = choice(block(1, resident_blocks=2))
+    kept = choice(block(1, resident_blocks=("double.0", "double.1")))
     # encode: text encoder 80 + vae 40 + kept 200 + activation 5 = 325
     # denoise: others 120 + (unmatched 30 + kept 200 + one 60 MB group) + activation 50 = 460
     # decode: 80 + 40 + 200 + activation 120 = 440
@@ -648,17 +649,18 @@ def test_partial_residency_keeps_the_first_blocks_on_the_device():
     assert seconds(kept)["denoise"] == pytest.approx(4 * 0.1824)
 
 
-def test_partial_residency_is_priced_but_not_applied():
+def test_partial_residency_names_blocks_of_the_profile():
     from planner.strategy import PlanError
 
     with pytest.raises(PlanError, match="resident_blocks applies only to block_level"):
-        leaf(resident_blocks=1).validate("transformer")
-    from conftest import build_tiny
-    from planner.plan import Plan
-
-    pipe = build_tiny("flux")
-    comps = {n: ComponentPlan() for n in ("vae", "text_encoder", "text_encoder_2")}
-    comps["transformer"] = block(1, resident_blocks=1)
-    plan = Plan("FluxPipeline", {n: {} for n in comps}, Choice(comps), None, device="cpu")
-    with pytest.raises(PlanError, match="priced by `memplan estimate` but not applied"):
-        plan.apply(pipe)
+        leaf(resident_blocks=("double.0",)).validate("transformer")
+    with pytest.raises(PlanError, match="resident_blocks must be a list of block names"):
+        block(1, resident_blocks=1).validate("transformer")
+    with pytest.raises(PlanError, match=r"names a block twice: \['single.0'\]"):
+        block(1, resident_blocks=("single.0", "single.0")).validate("transformer")
+    with pytest.raises(PlanError, match=r"resident_blocks \['double.7'\] are not blocks of Transformer "
+                                        r"\(its blocks: double.0, double.1, single.0, single.1, \.\.\. \(5 in all\)\)"):
+        estimate(synthetic(), choice(block(1, resident_blocks=("double.0", "double.7"))), HW)
+    # JSON holds a list; the plan a tuple, and the round trip is exact
+    plan = block(1, resident_blocks=("single.2", "double.0"))
+    assert ComponentPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan

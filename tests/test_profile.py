@@ -109,9 +109,9 @@ def test_disk_offload_is_not_offered_where_it_would_split_tied_weights():
     prof = profile(load_source("flux-dev"), Workload(height=256, width=256, num_inference_steps=2,
                                                      max_sequence_length=64))
     t5 = prof.components["text_encoder_2"]  # shared.weight is encoder.embed_tokens.weight
-    assert t5.disk_unsafe_offload_types == ("leaf_level",)
+    assert t5.disk_unsafe_offload_types == ("block_level", "leaf_level")  # shared / encoder are separate groups
     options = enumerate_component("text_encoder_2", t5, PER_COMPONENT, SearchSpace(allow_disk=True))
-    assert not any(p.offload_to_disk and p.offload_type == "leaf_level" for p in options)
+    assert not any(p.offload_to_disk for p in options)
     clip = prof.components["text_encoder"]  # nothing tied: disk is offered at leaf level
     clip_options = enumerate_component("text_encoder", clip, PER_COMPONENT, SearchSpace(allow_disk=True))
     assert any(p.offload_to_disk and p.offload_type == "leaf_level" for p in clip_options)
@@ -133,7 +133,8 @@ def test_device_backend_measures_real_calls_and_agrees_with_meta():
     for name, comp in device.components.items():
         assert comp.activation_peak_bytes == meta.components[name].activation_peak_bytes
         assert comp.measured_call_s > 0 and comp.measured_on == "cpu"
-        assert all(b.measured_s > 0 for b in comp.blocks)
+        # a block the call never runs (the VAE encoder's, in a decode) has no time, not zero
+        assert all(b.measured_s > 0 if b.flops > 0 else b.measured_s is None for b in comp.blocks)
     resident = Choice({n: ComponentPlan() for n in device.components})
     table = get_gpu("rtx-4090")
     here = dataclasses.replace(table, calibrated=True, source="calibrate() on cpu")
