@@ -236,18 +236,18 @@ def reference_choice(name: str, prof) -> Choice:
 def make_plan(scenario: Scenario, pipe):
     """The scenario's Plan for `pipe` (not applied): optimized, a reference strategy, or loaded from a file."""
     from cost_models import estimate
-    from planner.optimizer import available_ram_bytes, plan_for
+    from planner.optimizer import default_ram_budget, plan_for
     from planner.plan import Plan
     from planner.profiler import profile
     from planner.units import parse_size
     from planner.workload import Workload, default_workload
 
     hw = _hardware(scenario)
-    ram = parse_size(scenario.ram_budget) if scenario.ram_budget is not None else available_ram_bytes()
+    ram = parse_size(scenario.ram_budget) if scenario.ram_budget is not None else default_ram_budget()[0]
     if scenario.plan == OPTIMIZE:
         return plan_for(pipe, scenario.budget_bytes, ram_budget=ram, gpu=hw, device=scenario.device,
                         allow_lossy=scenario.allow_lossy, n_trials=scenario.n_trials, seed=scenario.seed,
-                        storage=scenario.storage, **_workload(scenario, pipe))
+                        storage=scenario.storage, progress=False, **_workload(scenario, pipe))
     source = from_pipeline(pipe)
     if scenario.plan in REFERENCE_PLANS:
         work = default_workload(source.pipeline_class, **_workload(scenario, pipe))

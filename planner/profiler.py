@@ -26,6 +26,7 @@ from planner.inputs import NoInputsKnown, call_builder
 from planner.sources import PipelineSource, config_hash
 from planner.tracing import CallTrace, block_names, device_name, measure_call, trace_call
 from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit
+from planner.progress import bar
 from planner.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -292,11 +293,12 @@ def _cache_part(module: torch.nn.Module, backend: str) -> list:
 _MEMORY_CACHE: dict[str, Profile] = {}
 
 
-def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = True) -> Profile:
+def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = True,
+            progress: bool = False) -> Profile:
     """Profile every nn.Module component of `source` for `workload` (cached by config hash + workload).
 
     Components on `meta` are traced without weights; components on a real device are run for real (the
-    `device` backend), which is what a loaded pipeline gets."""
+    `device` backend), which is what a loaded pipeline gets. `progress` shows a bar over the components."""
     backend = _backend(source)
     key = _cache_key(source, workload, backend)
     if use_cache:
@@ -305,7 +307,8 @@ def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = Tru
             _MEMORY_CACHE[key] = cached
             return cached
     start = time.perf_counter()
-    comps = {n: profile_component(n, m, workload) for n, m in source.components.items()}
+    items = bar(source.components.items(), f"profiling {source.name}", progress, total=len(source.components))
+    comps = {n: profile_component(n, m, workload) for n, m in items}
     result = Profile(source.pipeline_class, source.name, workload, comps, backend)
     logger.info("profiled %s (%s backend) in %.2fs", source.name, backend, time.perf_counter() - start)
     _MEMORY_CACHE[key] = result
