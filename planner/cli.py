@@ -111,8 +111,9 @@ def cmd_bench(args) -> int:
 
     check_output(args.output)
     def show(row: dict) -> None:
-        pred, meas = row.get("pred_total_s"), row.get("meas_total_s")
-        times = f"pred {pred:.4g}s meas {meas:.4g}s" if pred is not None and meas is not None else ""
+        pred, meas = row.get("pred_total_s"), row.get("extrap_total_s")
+        where = f"pred for {row.get('pred_for')}, measured on {row.get('measured_on')}"
+        times = f"pred {pred:.4g}s extrap {meas:.4g}s ({where})" if pred is not None and meas is not None else ""
         print(f"{row['scenario']:32s} {row['status']:12s} {times} {row.get('message', '')[:100]}")
 
     rows = run_scenarios(resolve(args.scenarios), args.output, time_limit_s=args.time_limit, progress=show)
