@@ -191,7 +191,10 @@ def _search_lossless_first(prof: Profile, hw: HardwareSpec, budgets: Budgets, sp
         if lossless is None:
             raise
     decision = _lossy_decision(lossless, lossy)
-    chosen, chosen_space = (lossy, space) if decision["taken"] else (lossless, lossless_space)
+    # the lossy search's plan: when its lossy knobs are taken, or when it found a faster plan without any
+    lossy_wins = lossless is None or decision["taken"] or (
+        not decision["declined"] and lossy is not None and lossy.best.estimate.total_s < lossless.best.estimate.total_s)
+    chosen, chosen_space = (lossy, space) if lossy_wins else (lossless, lossless_space)
     front = pareto_front([c for r in (lossless, lossy) if r is not None for c in r.pareto])
     if chosen.best not in front:  # a lossless plan kept although a lossy alternative dominates it
         front = (chosen.best, *front)

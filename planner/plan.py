@@ -406,6 +406,8 @@ def _placement(p) -> str:
         n = p.num_blocks_per_group
         unit = f"{n} block{'s' if n != 1 else ''} at a time" if p.offload_type == BLOCK_LEVEL else "layer by layer"
         text = f"kept in {where}, loaded {unit}" + (", prefetched on a CUDA stream" if p.use_stream else "")
+        text += " (record_stream)" if p.record_stream else ""
+        text += ", pinned at each onload (low_cpu_mem_usage)" if p.low_cpu_mem_usage else ""
         text += f", first {p.resident_blocks} blocks resident" if p.resident_blocks else ""
     else:
         text = "on the GPU"

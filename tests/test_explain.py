@@ -190,3 +190,30 @@ def test_profiling_shows_a_bar_when_asked(capsys):
     assert "profiling" in capsys.readouterr().err
     profile(source, work, use_cache=False, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_lossless_search_runs_first_and_keeps_its_plan_below_the_threshold(monkeypatch):
+    from planner.search import BudgetError
+    from planner.space import SearchSpace
+
+    def fake_search(results):
+        def search(prof, hw, budgets, *, space, **kw):
+            found = results[space.allow_lossy]
+            if found is None:
+                raise BudgetError("no plan fits", 0, 0, Choice({}))
+            return found
+        return search
+
+    lossless, lossy = _result(10.0), _result(9.0, FP8)  # 1.11x: below the threshold
+    monkeypatch.setattr(optimizer, "search", fake_search({False: lossless, True: lossy}))
+    chosen, space, decision = optimizer._search_lossless_first(None, None, BUDGETS, SearchSpace())
+    assert chosen.best == lossless.best and not space.allow_lossy and decision["declined"]
+    assert {c.estimate.total_s for c in chosen.pareto} == {10.0, 9.0}  # both fronts offered as alternatives
+    monkeypatch.setattr(optimizer, "search", fake_search({False: None, True: _result(12.0)}))
+    chosen, space, decision = optimizer._search_lossless_first(None, None, BUDGETS, SearchSpace())
+    assert chosen.best.estimate.total_s == 12.0 and decision["taken"] == []  # found lossless by the wider search
+    monkeypatch.setattr(optimizer, "search", fake_search({False: None, True: None}))
+    with pytest.raises(BudgetError):
+        optimizer._search_lossless_first(None, None, BUDGETS, SearchSpace())
+    with pytest.raises(BudgetError):
+        optimizer._search_lossless_first(None, None, BUDGETS, SearchSpace(allow_lossy=False))
