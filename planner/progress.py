@@ -7,6 +7,8 @@ from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
+from planner.errors import ArgumentError
+
 T = TypeVar("T")
 
 
@@ -15,7 +17,7 @@ def resolve(progress: bool | None) -> bool:
     if progress is None:
         return sys.stderr.isatty()
     if not isinstance(progress, bool):
-        raise ValueError(f"progress={progress!r} is not valid: give True, False or None (None: only in a terminal)")
+        raise ArgumentError(f"progress={progress!r} is not valid: give True, False or None (None: only in a terminal)")
     return progress
 
 
