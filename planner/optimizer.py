@@ -89,7 +89,10 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     vram_bytes = parse_size(vram_budget)
     ram_bytes, ram_note = (parse_size(ram_budget), "given") if ram_budget is not None else default_ram_budget()
     hw, gpu_note = (get_gpu(gpu), "given") if gpu is not None else (_detect_gpu(), "detected")
-    vram_bytes = _bounded_by_card(vram_bytes, hw)
+    bounded, vram_given = _bounded_by_card(vram_bytes, hw), _as_given(vram_budget)
+    if bounded < vram_bytes:  # the summary must not show "8TB = 24.00 GiB" unexplained
+        vram_given += f", bounded by {hw.name}'s memory"
+    vram_bytes = bounded
     device = check_device_name(device or DEFAULT_DEVICE)
     source = _source(model, profile_backend)
     work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
@@ -103,7 +106,7 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     budgets = Budgets(vram_bytes, ram_bytes)
     result, space, lossy = _search_lossless_first(prof, hw, budgets, space, n_trials=n_trials, seed=seed,
                                                   storage=storage, show_progress_bar=show)
-    explain = {"vram_as_given": _as_given(vram_budget),
+    explain = {"vram_as_given": vram_given,
                "ram_as_given": _as_given(ram_budget) if ram_budget is not None else None, "ram_note": ram_note,
                "gpu_note": gpu_note, "workload_set": sorted(workload), "binding": list(result.binding),
                "blocked": result.blocked.estimate.to_dict() if result.blocked else None, "lossy": lossy}
