@@ -140,7 +140,7 @@ def _progress(start: float):
         msg = f" {row['message'][:120]}" if row.get("status") != "ok" else ""
         print(f"[{time.perf_counter() - start:6.1f}s] {row['scenario']:28s} {row['status']:12s} card pred "
               f"{gb('pred_card_peak_bytes')} meas {gb('meas_card_peak_bytes')}  s pred {s('pred_total_s')} "
-              f"meas {s('meas_total_s')}{msg}", flush=True)
+              f"extrap {s('extrap_total_s')}{msg}", flush=True)
 
     return show
 

@@ -6,7 +6,16 @@
 
 Figures: (a) the Pareto front card peak x seconds per pipeline with the chosen plans marked, (b) predicted vs
 measured (allocator peak, seconds) with the y = x line, (c) the memory timeline of one call over its phases
-(predicted per-phase peaks as steps; measured per-component-call peaks where recorded, i.e. on CUDA).
+(predicted per-phase allocator peaks as steps, each phase as wide as its predicted seconds; measured
+per-component-call peaks where recorded, i.e. on CUDA).
+
+Accounting rules: sizes in binary units (MiB/GiB), as the CLI prints them. "pred for" is the GPU spec the plan
+was priced for, "measured on" the device the row ran on (torch's exact name). Seconds are compared (err time,
+measured points on time axes) only when the two are the same card (runner.same_device): seconds measured on a
+CPU say nothing about a GPU prediction. "meas s" is the measured call (steps_measured denoising steps); "extrap s"
+is that call extrapolated to the plan's full step count, and is what the error compares. Allocator quantities
+(max_memory_allocated) and card quantities (what the card must hold: reserved + CUDA context, the budget) are
+never drawn on one axis.
 """
 
 from __future__ import annotations
@@ -61,13 +70,15 @@ def plan_row(path: str | Path) -> dict:
 # ---------------------------------------------------------------- tables
 
 def _unit(values) -> tuple[float, str]:
+    """A binary unit for the largest value (GiB, MiB or KiB), as planner.units.format_size prints sizes."""
     vals = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
     big = max(vals, default=0)
-    return (1e9, "GB") if big >= 1e9 else (1e6, "MB") if big >= 1e6 else (1e3, "kB")
+    return (2**30, "GiB") if big >= 2**30 else (2**20, "MiB") if big >= 2**20 else (2**10, "KiB")
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
-    """One line per row: predicted beside measured, error % (positive: over-predicted), budget met."""
+    """One line per row: predicted (for which GPU) beside measured (where), error % (positive: over-predicted),
+    budget met."""
     df = pd.DataFrame(rows)
     div, unit = _unit(list(df.get("budget_bytes", [])) + list(df.get("pred_card_peak_bytes", [])))
 
@@ -78,13 +89,17 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
         return pd.to_numeric(col(name), errors="coerce") / scale
 
     out = pd.DataFrame({
-        "scenario": col("scenario"), "plan": col("plan_kind"), "device": col("device"), "status": col("status"),
+        "scenario": col("scenario"), "plan": col("plan_kind"), "status": col("status"),
+        "pred for": col("pred_for").fillna(col("gpu")) if "pred_for" in df else col("gpu"),
+        "measured on": col("measured_on"),
         f"budget {unit}": num("budget_bytes", div),
         f"pred card {unit}": num("pred_card_peak_bytes", div), f"meas card {unit}": num("meas_card_peak_bytes", div),
         "err card %": num("err_card_pct"),
         f"pred alloc {unit}": num("pred_allocated_peak_bytes", div),
         f"meas alloc {unit}": num("meas_allocated_peak_bytes", div), "err peak %": num("err_peak_pct"),
-        "pred s": num("pred_total_s"), "meas s": num("meas_total_s"), "err time %": num("err_time_pct"),
+        "pred s": num("pred_total_s"), "meas s (measured steps)": num("meas_total_s"),
+        "steps measured / full": [f"{m}/{f}" if m else None for m, f in zip(col("steps_measured"), col("steps_full"))],
+        "extrap s (full steps)": num("extrap_total_s"), "err time %": num("err_time_pct"),
         "err card % (table spec)": num("err_cmp_card_pct"), "err time % (table spec)": num("err_cmp_time_pct"),
         "budget met (pred)": col("budget_met_pred"), "budget met": col("budget_met"),
     })
@@ -92,15 +107,16 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
 
 
 def phase_table(rows: list[dict]) -> pd.DataFrame:
-    """Per row and phase: predicted and measured peak and seconds."""
+    """Per row and phase: predicted and measured allocator peak (MiB) and seconds (measured: the measured steps)."""
     lines = []
     for r in rows:
         for phase in PHASE_ORDER:
             pp, mp = (r.get("pred_phase_peak_bytes") or {}), (r.get("meas_phase_peak_bytes") or {})
             ps, ms = (r.get("pred_phase_s") or {}), (r.get("meas_phase_s") or {})
             if phase in pp or phase in ms:
-                lines.append({"scenario": r.get("scenario"), "phase": phase, "pred peak MB": _mb(pp.get(phase)),
-                              "meas peak MB": _mb(mp.get(phase)), "pred s": ps.get(phase), "meas s": ms.get(phase)})
+                lines.append({"scenario": r.get("scenario"), "phase": phase, "pred alloc MiB": _mib(pp.get(phase)),
+                              "meas alloc MiB": _mib(mp.get(phase)), "pred s": ps.get(phase),
+                              "meas s": ms.get(phase), "extrap s": (r.get("extrap_phase_s") or {}).get(phase)})
     return pd.DataFrame(lines).dropna(axis=1, how="all")
 
 
@@ -121,8 +137,8 @@ def failures_table(rows: list[dict]) -> pd.DataFrame:
                          for r in rows if r.get("status") not in ("ok", "planned")])
 
 
-def _mb(n):
-    return None if n is None else n / 1e6
+def _mib(n):
+    return None if n is None else n / 2**20
 
 
 # ---------------------------------------------------------------- figures
@@ -177,8 +193,8 @@ def _pareto_axes(ax, pipeline: str, group: list[dict]) -> None:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
         if r.get("budget_bytes") and chosen:
             ax.axvline(r["budget_bytes"] / div, ls="--", lw=0.8, c="tab:red", alpha=0.5)
-        if r.get("meas_card_peak_bytes") is not None and r.get("meas_total_s") is not None:
-            mx, my = r["meas_card_peak_bytes"] / div, r["meas_total_s"]
+        if r.get("meas_card_peak_bytes") is not None and r.get("time_compared"):  # measured on that very card
+            mx, my = r["meas_card_peak_bytes"] / div, r["extrap_total_s"]
             ax.scatter([mx], [my], facecolors="none", edgecolors="tab:green", s=60, zorder=3)
             ax.plot([x, mx], [y, my], c="tab:green", lw=0.6, alpha=0.6)
     ax.scatter([], [], marker="*", c="tab:red", s=120, edgecolors="k", label="chosen (optimize)")
@@ -186,7 +202,9 @@ def _pareto_axes(ax, pipeline: str, group: list[dict]) -> None:
     ax.scatter([], [], facecolors="none", edgecolors="tab:green", label="measured")
     ax.plot([], [], ls="--", c="tab:red", lw=0.8, label="budget")
     _log_if_wide(ax, [a["total_s"] for a in alts] + [r["pred_total_s"] for r in group], "y")
-    ax.set(xlabel=f"card peak ({unit})", ylabel="seconds per call (predicted)", title=f"{pipeline}: VRAM x latency")
+    gpus = sorted({str(r.get("pred_for") or r.get("gpu")) for r in group})
+    ax.set(xlabel=f"card peak ({unit})", ylabel="seconds per call (measured: on that card only)",
+           title=f"{pipeline}: VRAM x latency, predicted for {', '.join(gpus)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", framealpha=0.6)
 
@@ -214,12 +232,20 @@ def scatter_figure(rows: list[dict]) -> bytes | None:
         ax_mem.set_xticks([])
         ax_mem.set_yticks([])
     ax_mem.set_title("peak VRAM: predicted vs measured")
-    timed = [r for r in ok if r.get("meas_total_s") and r.get("pred_total_s")]
+    timed = [r for r in ok if r.get("time_compared") and r.get("extrap_total_s") and r.get("pred_total_s")]
     if timed:
-        _xy(ax_time, timed, lambda r: r["pred_total_s"], lambda r: r["meas_total_s"], log=True)
-        devices = sorted({r.get("device", "?") for r in timed})
-        ax_time.set(xlabel="predicted seconds per call", ylabel=f"measured seconds (device: {', '.join(devices)})")
-    ax_time.set_title("time: predicted vs measured")
+        _xy(ax_time, timed, lambda r: r["pred_total_s"], lambda r: r["extrap_total_s"], log=True)
+        devices = sorted({str(r.get("measured_on")) for r in timed})
+        ax_time.set(xlabel="predicted seconds per call", ylabel="measured s (extrapolated to full steps)")
+        ax_time.set_title(f"time on {', '.join(devices)} (same card only)", fontsize=10)
+    else:
+        where = sorted({str(r.get("measured_on") or r.get("device")) for r in ok})
+        gpus = sorted({str(r.get("pred_for") or r.get("gpu")) for r in ok})
+        ax_time.text(0.5, 0.5, f"no time compared: predicted for {', '.join(gpus)},\nmeasured on {', '.join(where)}",
+                     ha="center", va="center", transform=ax_time.transAxes, fontsize=9)
+        ax_time.set_xticks([])
+        ax_time.set_yticks([])
+        ax_time.set_title("time: predicted vs measured (same card only)")
     return _png(fig)
 
 
@@ -250,39 +276,45 @@ def timeline_row(rows: list[dict]) -> dict | None:
 
 
 def timeline_figure(rows: list[dict]) -> bytes | None:
-    """(c) One call's memory over its phases: predicted phase peaks as steps, measured component-call peaks
-    (CUDA) placed by their time within the phase; phase labels carry predicted and measured seconds."""
+    """(c) One call's allocator bytes over its phases, each phase as wide as its predicted seconds: predicted
+    phase peaks as steps, measured component-call peaks (CUDA) placed by their time within the phase. Only
+    allocator quantities: the budget is a card quantity (allocator x overhead + context) and is not drawn here."""
     row = timeline_row(rows)
     if row is None:
         return None
-    pred = row["pred_phase_peak_bytes"]
+    pred, ps = row["pred_phase_peak_bytes"], row.get("pred_phase_s") or {}
     phases = [p for p in PHASE_ORDER if p in pred] + [p for p in pred if p not in PHASE_ORDER]
-    events = row.get("meas_timeline") or []
-    measured = [e for e in events if e[4] is not None]
-    div, unit = _unit(list(pred.values()) + [e[4] for e in measured] + [row.get("budget_bytes") or 0])
+    edges = [0.0]
+    for p in phases:
+        edges.append(edges[-1] + ps.get(p, 0.0))
+    measured = [e for e in row.get("meas_timeline") or [] if e[4] is not None]
+    div, unit = _unit(list(pred.values()) + [e[4] for e in measured])
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    xs = [i for i in range(len(phases)) for _ in (0, 1)]
-    xs = [x + (k % 2) for k, x in enumerate(xs)]
-    ax.plot(xs, [pred[p] / div for p in phases for _ in (0, 1)], c="tab:red", lw=2, label="predicted phase peak")
+    ax.stairs([pred[p] / div for p in phases], edges, color="tab:red", lw=2, label="predicted phase peak")
     if measured:
-        _measured_steps(ax, measured, phases, div)
-    if row.get("budget_bytes"):
-        ax.axhline(row["budget_bytes"] / div, ls="--", c="k", lw=0.8, label="budget (card)")
-    ps, ms = row.get("pred_phase_s") or {}, row.get("meas_phase_s") or {}
-    labels = [f"{p}\npred {ps.get(p, 0):.3g}s" + (f" / meas {ms[p]:.3g}s" if p in ms else "") for p in phases]
-    ax.set_xticks([i + 0.5 for i in range(len(phases))], labels, fontsize=8)
-    for i in range(1, len(phases)):
-        ax.axvline(i, c="0.7", lw=0.6)
-    note = "" if measured else " (predicted only)" if row.get("status") == "planned" else " (no measured VRAM: CPU run)"
-    ax.set(ylabel=f"allocator bytes ({unit})", title=f"{row.get('scenario')}: memory over one call{note}")
+        _measured_steps(ax, measured, phases, edges, div)
+    ms = row.get("meas_phase_s") or {}
+    for i, p in enumerate(phases):
+        same_card = row.get("time_compared") and p in ms  # measured seconds only beside the card's own prediction
+        text = f"{p}\npred {ps.get(p, 0):.3g}s" + (f"\nmeas {ms[p]:.3g}s" if same_card else "")
+        ax.annotate(text, ((edges[i] + edges[i + 1]) / 2, 0), xytext=(0, -14), textcoords="offset points",
+                    ha="center", va="top", fontsize=7, annotation_clip=False)
+        ax.axvline(edges[i + 1], c="0.7", lw=0.6)
+    note = "" if measured else " (predicted only)" if row.get("status") == "planned" else " (no VRAM measured: CPU run)"
+    gpu = row.get("pred_for") or row.get("gpu")
+    ax.set(xlabel=f"predicted seconds into the call ({gpu})", ylabel=f"allocator bytes ({unit})",
+           title=f"{row.get('scenario')}: allocator memory over one call{note}")
+    ax.xaxis.set_label_coords(0.5, -0.2)
+    ax.set_xlim(0, edges[-1] or 1.0)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="upper right")
     return _png(fig)
 
 
-def _measured_steps(ax, events, phases, div) -> None:
-    """Each component call as a horizontal segment at its allocator peak, placed by its time within the phase."""
+def _measured_steps(ax, events, phases, edges, div) -> None:
+    """Each component call as a horizontal segment at its allocator peak, placed by its measured time within the
+    phase and scaled to the phase's predicted width."""
     spans = {}
     for _, phase, start, end, _ in events:
         lo, hi = spans.get(phase, (start, end))
@@ -292,10 +324,10 @@ def _measured_steps(ax, events, phases, div) -> None:
         if phase not in phases:
             continue
         lo, hi = spans[phase]
-        width = (hi - lo) or 1.0
         i = phases.index(phase)
-        x0 = i + 0.05 + 0.9 * (start - lo) / width
-        x1 = max(i + 0.05 + 0.9 * (end - lo) / width, x0 + 0.01)
+        x_lo, width = edges[i], edges[i + 1] - edges[i]
+        x0 = x_lo + width * (start - lo) / ((hi - lo) or 1.0)
+        x1 = max(x_lo + width * (end - lo) / ((hi - lo) or 1.0), x0 + width * 0.01)
         ax.hlines(peak / div, x0, x1, colors="tab:green", lw=2.5, label=label)
         label = None
 
@@ -320,7 +352,8 @@ def figures(rows: list[dict]) -> list[tuple[str, bytes]]:
 # ---------------------------------------------------------------- rendering
 
 def tables(rows: list[dict]) -> list[tuple[str, pd.DataFrame]]:
-    out = [("Summary (error % = 100 * (predicted - measured) / measured)", summary_table(rows)),
+    out = [("Summary (error % = 100 * (predicted - measured) / measured; time errors only where predicted for the "
+            "card measured on; sizes in binary units)", summary_table(rows)),
            ("Plans", plan_table(rows)), ("Phases", phase_table(rows))]
     planned = [r for r in rows if r.get("status") == "planned"]
     if planned:

@@ -25,6 +25,7 @@ import gc
 import inspect
 import json
 import logging
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -236,18 +237,18 @@ def reference_choice(name: str, prof) -> Choice:
 def make_plan(scenario: Scenario, pipe):
     """The scenario's Plan for `pipe` (not applied): optimized, a reference strategy, or loaded from a file."""
     from cost_models import estimate
-    from planner.optimizer import available_ram_bytes, plan_for
+    from planner.optimizer import default_ram_budget, plan_for
     from planner.plan import Plan
     from planner.profiler import profile
     from planner.units import parse_size
     from planner.workload import Workload
 
     hw = _hardware(scenario)
-    ram = parse_size(scenario.ram_budget) if scenario.ram_budget is not None else available_ram_bytes()
+    ram = parse_size(scenario.ram_budget) if scenario.ram_budget is not None else default_ram_budget()[0]
     if scenario.plan == OPTIMIZE:
         return plan_for(pipe, scenario.budget_bytes, ram_budget=ram, gpu=hw, device=scenario.device,
                         allow_lossy=scenario.allow_lossy, n_trials=scenario.n_trials, seed=scenario.seed,
-                        storage=scenario.storage, **_workload(scenario, pipe))
+                        storage=scenario.storage, progress=False, **_workload(scenario, pipe))
     source = from_pipeline(pipe)
     if scenario.plan in REFERENCE_PLANS:
         prof = profile(source, **_workload(scenario, pipe))
@@ -411,16 +412,50 @@ def measure(pipe, plan, scenario: Scenario, rss_before_build: int) -> dict:
     steps = min(scenario.measured_steps, full_steps)
     with PhaseRecorder(pipe, cuda, _phases(pipe, plan)) as rec:
         pipe(**call_kwargs(pipe, plan.workload, WARMUP_STEPS, scenario.seed))
-        reset_rss_peak()
+        peak_reset = reset_rss_peak()
+        if not peak_reset:
+            logger.warning("VmHWM cannot be reset here: meas_host_peak_bytes is not recorded (it would include the build)")
+        retries = _alloc_retries(cuda)
         rec.start()
         pipe(**call_kwargs(pipe, plan.workload, steps, scenario.seed))
         call_s = rec.finish()
+        retries = _alloc_retries(cuda) - retries if cuda else None
+    # Host RAM after the measured call, and its peak during the call (VmHWM, reset just before it, so building the
+    # pipeline and the warm-up are not in it); both beyond what the process held before the pipeline was built.
     row = {"steps_measured": steps, "meas_call_s": call_s, "meas_timeline": rec.events,
            "meas_host_ram_bytes": rss_bytes() - rss_before_build,
-           "meas_host_peak_bytes": rss_bytes("VmHWM") - rss_before_build}
+           "meas_host_peak_bytes": rss_bytes("VmHWM") - rss_before_build if peak_reset else None}
     row.update(_phase_times(rec.events, steps, full_steps))
     row.update(_cuda_memory(rec) if cuda else dict.fromkeys(_VRAM_COLUMNS))  # on CPU: no VRAM to measure
+    row["meas_alloc_retries"] = retries
     return row
+
+
+def _alloc_retries(cuda: bool) -> int:
+    """The caching allocator's count of allocations it retried after freeing its cache: under the simulated card
+    (set_per_process_memory_fraction) a retry means the plan hit the cap, i.e. it did not fit with room to spare."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+
+
+def measured_on(device: str) -> dict:
+    """Where the row was measured: the CUDA card by torch's exact name and its memory, or this CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return {"measured_on": torch.cuda.get_device_name(index),
+                "measured_total_bytes": torch.cuda.get_device_properties(index).total_memory}
+    return {"measured_on": f"cpu ({platform.processor() or platform.machine()})", "measured_total_bytes": None}
+
+
+def same_device(hw, row: dict) -> bool:
+    """Predicted seconds compare with measured ones only on the card they were predicted for: a spec calibrated
+    on exactly that card, or the card's own table entry (matched by the one GPU-name resolver)."""
+    from cost_models.gpu_names import match
+
+    name, total = row.get("measured_on"), row.get("measured_total_bytes")
+    if total is None:  # measured on a CPU: a GPU spec's seconds say nothing about it
+        return False
+    return hw.source == f"calibrate() on {name}" or match(name, total) == hw.name
 
 
 def call_kwargs(pipe, workload: dict, steps: int, seed: int) -> dict:
@@ -440,19 +475,21 @@ def call_kwargs(pipe, workload: dict, steps: int, seed: int) -> dict:
 
 
 def _phase_times(events: list, steps: int, full_steps: int) -> dict:
+    """Measured seconds (meas_*: the measured call, `steps` denoising steps) and, in their own columns, the call
+    extrapolated to `full_steps` (extrap_*: the first step once, the mean of the later steps for the rest)."""
     phase_s: dict[str, float] = {}
     for _, phase, start, end, _ in events:
-        if phase != "denoise":
-            phase_s[phase] = phase_s.get(phase, 0.0) + (end - start)
+        phase_s[phase] = phase_s.get(phase, 0.0) + (end - start)
     calls = [end - start for _, phase, start, end, _ in events if phase == "denoise"]
     per_step = max(1, len(calls) // steps)
     step_s = [sum(calls[i:i + per_step]) for i in range(0, len(calls), per_step)]
+    extrap = dict(phase_s)
     if step_s:
         later = step_s[1:] or step_s[:1]
-        mean_later = sum(later) / len(later)
-        phase_s["denoise"] = step_s[0] + (full_steps - 1) * mean_later
+        extrap["denoise"] = step_s[0] + (full_steps - 1) * sum(later) / len(later)
     return {"meas_phase_s": phase_s, "meas_total_s": sum(phase_s.values()),
-            "meas_step_s": (sum(step_s[1:]) / len(step_s[1:])) if len(step_s) > 1 else (step_s[0] if step_s else None)}
+            "meas_step_s": (sum(step_s[1:]) / len(step_s[1:])) if len(step_s) > 1 else (step_s[0] if step_s else None),
+            "extrap_phase_s": extrap, "extrap_total_s": sum(extrap.values())}
 
 
 _VRAM_COLUMNS = ("meas_allocated_peak_bytes", "meas_reserved_peak_bytes", "meas_context_bytes", "meas_card_peak_bytes",
@@ -484,17 +521,18 @@ def _error_pct(pred, meas) -> float | None:
     return 100.0 * (pred - meas) / meas
 
 
-def _errors(row: dict, cuda: bool) -> dict:
+def _errors(row: dict, cuda: bool, timed: bool) -> dict:
+    """Errors of the predictions; time errors only when `timed` (measured on the device predicted for)."""
     out = {"err_peak_pct": _error_pct(row.get("pred_allocated_peak_bytes"), row.get("meas_allocated_peak_bytes")),
            "err_card_pct": _error_pct(row.get("pred_card_peak_bytes"), row.get("meas_card_peak_bytes")),
-           "err_time_pct": _error_pct(row.get("pred_total_s"), row.get("meas_total_s")),
+           "err_time_pct": _error_pct(row.get("pred_total_s"), row.get("extrap_total_s")) if timed else None,
            # On CPU the "device" is host RAM too, so host RAM cannot be compared with the offloaded bytes.
            "err_host_pct": _error_pct(row.get("pred_host_ram_bytes"), row.get("meas_host_ram_bytes")) if cuda else None}
     if row.get("cmp_gpu"):
         out["err_cmp_card_pct"] = _error_pct(row.get("cmp_pred_card_peak_bytes"), row.get("meas_card_peak_bytes"))
-        out["err_cmp_time_pct"] = _error_pct(row.get("cmp_pred_total_s"), row.get("meas_total_s"))
+        out["err_cmp_time_pct"] = _error_pct(row.get("cmp_pred_total_s"), row.get("extrap_total_s")) if timed else None
     pred_steps = row.get("steps_full")
-    if row.get("meas_step_s") and row.get("pred_phase_s") and pred_steps:
+    if timed and row.get("meas_step_s") and row.get("pred_phase_s") and pred_steps:
         out["err_step_pct"] = _error_pct(row["pred_phase_s"].get("denoise", 0.0) / pred_steps, row["meas_step_s"])
     return out
 
@@ -551,7 +589,8 @@ def run_scenario(scenario: Scenario, cache: PipelineCache | None = None) -> dict
         row["build_s"] = time.perf_counter() - t
         t = time.perf_counter()
         plan = make_plan(scenario, pipe)
-        row.update(plan_fields(plan), plan_s=time.perf_counter() - t)
+        hw = _hardware(scenario)
+        row.update(plan_fields(plan), plan_s=time.perf_counter() - t, pred_for=hw.name, **measured_on(scenario.device))
         fp8 = row["fp8"]
         if scenario.compare_gpu:
             row.update(compare_prices(pipe, plan, scenario.compare_gpu))  # before apply: fp8 changes dtypes
@@ -563,8 +602,12 @@ def run_scenario(scenario: Scenario, cache: PipelineCache | None = None) -> dict
         with _MemoryFraction(scenario.budget_bytes, cuda) as frac:
             row["memory_fraction"] = frac.fraction
             row.update(measure(pipe, plan, scenario, cache.rss_before_build))
-        row.update(_errors(row, cuda), status="ok")
-        row["budget_met"] = (row["meas_card_peak_bytes"] <= scenario.budget_bytes) if cuda else None
+        timed = same_device(hw, row)
+        row.update(_errors(row, cuda, timed), time_compared=timed, status="ok")
+        # Met: the measured card peak is within the budget AND the allocator never had to flush its cache to stay
+        # under the simulated card's cap (a run that only fits by retrying is not counted as fitting).
+        row["budget_met"] = (row["meas_card_peak_bytes"] <= scenario.budget_bytes
+                             and row["meas_alloc_retries"] == 0) if cuda else None
         ok = True
     except Exception as err:  # recorded, never raised: one broken scenario must not end the sweep
         logger.warning("scenario %s failed: %s: %s", scenario.name, type(err).__name__, err)
@@ -582,7 +625,7 @@ def _record(row: dict, plan, planned, storage: str) -> None:
     from planner.optimizer import record_run
 
     failed = row["status"] != "ok"
-    record_run(plan, planned, storage, measured_s=None if failed else row.get("meas_total_s"), failed=failed,
+    record_run(plan, planned, storage, measured_s=None if failed else row.get("extrap_total_s"), failed=failed,
                peak_bytes=row.get("meas_card_peak_bytes"))
     row["recorded_in"] = storage
 

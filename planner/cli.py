@@ -24,52 +24,62 @@ EPILOG_ESTIMATE = """examples:
 """
 
 
-def _workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, dest="num_frames")
-    p.add_argument("--steps", type=int, dest="num_inference_steps")
-    p.add_argument("--batch", type=int, dest="batch_size", help="images/videos per prompt")
-    p.add_argument("--max-sequence-length", type=int, dest="max_sequence_length")
+def _workload_args(p: argparse.ArgumentParser, default: str = "the pipeline's default") -> None:
+    p.add_argument("--height", type=int, help=f"image height in pixels (default: {default})")
+    p.add_argument("--width", type=int, help=f"image width in pixels (default: {default})")
+    p.add_argument("--frames", type=int, dest="num_frames", help=f"video frames (default: {default})")
+    p.add_argument("--steps", type=int, dest="num_inference_steps", help=f"denoising steps (default: {default})")
+    p.add_argument("--batch", type=int, dest="batch_size", help=f"images per prompt (default: {default})")
+    p.add_argument("--max-sequence-length", type=int, dest="max_sequence_length",
+                   help=f"text tokens (default: {default})")
     p.add_argument("--call", action="append", default=[], metavar="NAME=VALUE",
                    help="any other argument of the pipeline's __call__, e.g. --call guidance_scale=5 (VALUE is "
-                        "read as JSON, else as a string); repeatable")
+                        "read as JSON, else as a string); repeatable (default: none)")
     p.add_argument("--allow-untraced", action="store_true",
                    help="plan even if a component call cannot be traced (partly blind: its activations and "
-                        "compute go unpriced)")
+                        "compute go unpriced; default: refuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memplan", description="Fastest diffusers memory plan within a budget.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (default: off)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log memplan's decisions at INFO on stderr (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="plan a zoo model or a diffusers model folder", epilog=EPILOG_PLAN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="zoo name (memplan zoo) or a folder with model_index.json")
-    p.add_argument("--budget", required=True, help="VRAM of the card, e.g. 8GB or 8GiB")
+    p.add_argument("--budget", required=True, help="VRAM of the card, e.g. 8GB (8e9 bytes) or 8GiB (required)")
     p.add_argument("--gpu", help="target GPU: any common name (rtx-4090, 'NVIDIA GeForce RTX 4090', 4090; see "
                                  "memplan gpus) or a spec JSON (default: this machine's CUDA card, detected)")
-    p.add_argument("--ram", help="host RAM budget (default: this machine's available RAM)")
-    p.add_argument("--device", default="cuda", help="device the plan runs on (default cuda)")
-    p.add_argument("--no-lossy", action="store_true", help="forbid fp8 storage")
-    p.add_argument("--trials", type=int, help="Optuna trials before the exact polish (default: the search's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage", help="Optuna RDB URL, e.g. sqlite:///memplan.db")
-    p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("--ram", help="host RAM budget, e.g. 64GB (default: this machine's total RAM minus a reserve of "
+                                 "10%%, at least 4 GiB)")
+    p.add_argument("--device", help="device the plan runs on: cuda or cpu (default: cuda, as in the Python API)")
+    p.add_argument("--no-lossy", action="store_true",
+                   help="forbid fp8 storage and VAE tiling (default: allowed, but taken only when needed to fit or "
+                        "at least 1.25x faster)")
+    p.add_argument("--trials", type=int,
+                   help="Optuna trials before the exact polish (default: planner.search.DEFAULT_N_TRIALS)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    p.add_argument("--storage", help="Optuna RDB URL, e.g. sqlite:///memplan.db (default: in memory)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: shown while profiling and searching when stderr is a terminal)")
+    p.add_argument("-o", "--output", help="write the plan JSON here (default: not written)")
     _workload_args(p)
 
     e = sub.add_parser("estimate", help="price a given plan", epilog=EPILOG_ESTIMATE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("model")
-    e.add_argument("--plan", required=True)
-    e.add_argument("--gpu", help="GPU (default: the plan's)")
-    e.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    _workload_args(e)
+    e.add_argument("model", help="zoo name (memplan zoo) or a folder with model_index.json")
+    e.add_argument("--plan", required=True, help="plan JSON to price (required)")
+    e.add_argument("--gpu", help="GPU, any common name or a spec JSON (default: the plan's)")
+    e.add_argument("--budget", help="VRAM budget to check the plan against, e.g. 8GB (default: the plan's budget)")
+    e.add_argument("--json", action="store_true", help="print the estimate as JSON (default: text)")
+    _workload_args(e, "the plan's workload")
 
     s = sub.add_parser("show", help="print a plan file", epilog="example:\n  memplan show plans/flux-dev-8GB.json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("plan")
+    s.add_argument("plan", help="plan JSON written by memplan plan -o or plan.save()")
     sub.add_parser("gpus", help="list the GPU table", epilog="example:\n  memplan gpus",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_parser("zoo", help="list the built-in pipelines", epilog="example:\n  memplan zoo",
@@ -93,13 +103,14 @@ def _bench_args(sub) -> None:
     b = sub.add_parser("bench", help="run benchmark scenarios: predicted beside measured, one row each",
                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("scenarios", help="a built-in set name or a scenarios JSON file")
-    b.add_argument("-o", "--output", default="rows.jsonl", help="rows JSONL (a CSV is written beside it)")
-    b.add_argument("--time-limit", type=float, help="seconds after which no new scenario starts")
+    b.add_argument("-o", "--output", default="rows.jsonl",
+                   help="rows JSONL, a CSV is written beside it (default: rows.jsonl)")
+    b.add_argument("--time-limit", type=float, help="seconds after which no new scenario starts (default: none)")
     r = sub.add_parser("report", help="render benchmark rows or a plan file as HTML (or markdown)",
                        epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("rows", help="rows JSONL from `memplan bench`, or a plan JSON from `memplan plan -o`")
-    r.add_argument("-o", "--output", default="report.html")
-    r.add_argument("--md", action="store_true", help="write markdown (PNGs beside it) instead of HTML")
+    r.add_argument("-o", "--output", default="report.html", help="where to write (default: report.html)")
+    r.add_argument("--md", action="store_true", help="write markdown, PNGs beside it (default: HTML)")
 
 
 def cmd_bench(args) -> int:
@@ -108,8 +119,9 @@ def cmd_bench(args) -> int:
 
     check_output(args.output)
     def show(row: dict) -> None:
-        pred, meas = row.get("pred_total_s"), row.get("meas_total_s")
-        times = f"pred {pred:.4g}s meas {meas:.4g}s" if pred is not None and meas is not None else ""
+        pred, meas = row.get("pred_total_s"), row.get("extrap_total_s")
+        where = f"pred for {row.get('pred_for')}, measured on {row.get('measured_on')}"
+        times = f"pred {pred:.4g}s extrap {meas:.4g}s ({where})" if pred is not None and meas is not None else ""
         print(f"{row['scenario']:32s} {row['status']:12s} {times} {row.get('message', '')[:100]}")
 
     rows = run_scenarios(resolve(args.scenarios), args.output, time_limit_s=args.time_limit, progress=show)
@@ -158,15 +170,11 @@ def cmd_plan(args) -> int:
         check_output(args.output)
     plan = plan_for(args.model, args.budget, ram_budget=args.ram, gpu=args.gpu, device=args.device,
                     allow_lossy=not args.no_lossy, n_trials=args.trials, seed=args.seed, storage=args.storage,
-                    show_progress_bar=sys.stderr.isatty(), allow_untraced=args.allow_untraced,
+                    progress=False if args.no_progress else None, allow_untraced=args.allow_untraced,
                     **_workload(args))
     if args.output:  # first, so a bad path fails before anything is printed
         plan.save(args.output)
     print(plan.summary())
-    print(f"\nalternatives (Pareto front, {len(plan.alternatives)}):")
-    for alt in plan.alternatives[:10]:
-        e = alt.predicted
-        print(f"  card {format_size(e.card_peak_bytes):>10s}  host {format_size(e.host_ram_bytes):>10s}  {e.total_s:8.2f}s")
     if args.output:
         print(f"\nwrote {args.output}")
     return 0
@@ -196,7 +204,26 @@ def cmd_estimate(args) -> int:
         from planner.plan import describe_estimate
 
         print(describe_estimate(est))
+        print(_fits(est, hw, args.budget, plan.budgets.get("vram_bytes")))
     return 0
+
+
+def _fits(est, hw, budget: str | None, plan_budget_bytes: int | None) -> str:
+    """Whether the estimate fits the budget (given, else the plan's) and the card itself."""
+    from planner.units import parse_size
+
+    def verdict(limit: int, what: str) -> str:
+        fits = "fits" if est.card_peak_bytes <= limit else "does NOT fit"
+        return (f"{fits} {what}: card peak {format_size(est.card_peak_bytes)} = "
+                f"{100 * est.card_peak_bytes / limit:.0f}% of {format_size(limit)}")
+
+    lines = []
+    if budget is not None:
+        lines.append(verdict(parse_size(budget), f"the budget {budget}"))
+    elif plan_budget_bytes:
+        lines.append(verdict(plan_budget_bytes, "the plan's budget"))
+    lines.append(verdict(hw.vram_bytes, f"the card ({hw.name})"))
+    return "\n".join(lines)
 
 
 def _plan_gpu(plan):
@@ -255,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C is one line and exit code 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -37,8 +37,13 @@ def _versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Alternative:
+    """One plan of the Pareto front. `plan.alternatives[i].apply(pipe)` applies it like the plan it belongs to;
+    `str()` says what it does in words and what it costs."""
+
     choice: Choice
     predicted: Estimate
+    # The Plan this alternative belongs to (its pipeline, device, budgets); set by Plan, not part of the JSON.
+    parent: "Plan | None" = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {"choice": self.choice.to_dict(), "predicted": self.predicted.to_dict()}
@@ -46,6 +51,21 @@ class Alternative:
     @classmethod
     def from_dict(cls, data: dict) -> "Alternative":
         return cls(Choice.from_dict(data["choice"]), Estimate.from_dict(data["predicted"]))
+
+    def as_plan(self) -> "Plan":
+        """This alternative as a Plan of its own (same pipeline, device, budgets and GPU; no alternatives)."""
+        if self.parent is None:
+            raise PlanError("this alternative belongs to no plan: take it from plan.alternatives")
+        return dataclasses.replace(self.parent, choice=self.choice, predicted=self.predicted, alternatives=(),
+                                   explain={})
+
+    def apply(self, pipe, device: str | None = None) -> None:
+        """Apply this alternative to `pipe` (validated first; on error `pipe` is unchanged)."""
+        self.as_plan().apply(pipe, device)
+
+    def __str__(self) -> str:
+        budgets = self.parent.budgets if self.parent else {}
+        return f"{describe_cost(self.predicted, budgets)}\n  {describe_in_words(self.choice)}"
 
 
 @dataclass(frozen=True)
@@ -63,8 +83,15 @@ class Plan:
     device: str = "cuda"
     alternatives: tuple[Alternative, ...] = ()
     search: dict = field(default_factory=dict)  # {"study_name", "space"}: where measurements of it are recorded
+    # Why this plan: budgets as given, how the RAM budget and the GPU were set, the binding budget(s) and the
+    # fastest plan they block, the lossy-knob decision (see optimizer.plan_for). Empty for hand-written plans.
+    explain: dict = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=_versions)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # each alternative knows its plan, so that plan.alternatives[i].apply(pipe) works on its own
+        object.__setattr__(self, "alternatives", tuple(dataclasses.replace(a, parent=self) for a in self.alternatives))
 
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
@@ -158,14 +185,25 @@ class Plan:
         apply_plan(self, pipe, device or self.device)
 
     def summary(self) -> str:
-        """A readable table: component, class, strategy, then the predictions."""
-        rows = [f"{'component':16s} {'class':32s} plan"]
+        """What the plan is and why: GPU, workload, budgets and their use, binding budget, lossy knobs, the
+        component table, the predictions, then the alternatives (the chosen one marked with *)."""
+        rows = [f"{self.pipeline_class} on {describe_gpu(self)}; device {self.device}",
+                f"workload: {describe_workload(self.workload)}" if self.workload else "workload: not recorded",
+                *describe_budgets(self), f"binding: {describe_binding(self)}", f"lossy: {describe_lossy(self)}", "",
+                f"{'component':16s} {'class':32s} plan"]
         for name, meta in self.components.items():
             rows.append(f"{name:16s} {meta.get('class', ''):32s} {describe_component(self.choice, name)}")
         if self.choice.vae_tiling or self.choice.vae_slicing:
             rows.append(f"{'vae tricks':16s} {'':32s} tiling={self.choice.vae_tiling} slicing={self.choice.vae_slicing}")
         if self.predicted is not None:
             rows.append(describe_estimate(self.predicted))
+        if self.alternatives:
+            rows += ["", f"alternatives (Pareto front of card peak x seconds x host RAM, {len(self.alternatives)}; "
+                         "* = this plan; plan.alternatives[i].apply(pipe) applies one):"]
+            for i, alt in enumerate(self.alternatives):
+                mark = "*" if alt.choice == self.choice else " "
+                rows.append(f"{mark}[{i}] {describe_cost(alt.predicted, self.budgets)}")
+                rows.append(f"      {describe_in_words(alt.choice)}")
         return "\n".join(rows)
 
 
@@ -261,3 +299,129 @@ def describe_estimate(est: Estimate) -> str:
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in est.phase_s.items())
     return (f"predicted: card peak {format_size(est.card_peak_bytes)} (allocator {format_size(est.allocated_peak_bytes)}, "
             f"in {est.peak_phase}); host RAM {format_size(est.host_ram_bytes)}; time {est.total_s:.2f}s ({phases})")
+
+
+# ---------------------------------------------------------------- the plan explained in words
+
+def describe_workload(workload: dict) -> str:
+    """"1024x1024, 28 steps, batch 1, 512 text tokens, bfloat16" (+ frames, and how CFG runs)."""
+    w = workload
+    parts = [f"{w['height']}x{w['width']}" + (f", {w['num_frames']} frames" if w.get("num_frames") else ""),
+             f"{w['num_inference_steps']} steps", f"batch {w.get('batch_size', 1)}"]
+    if w.get("cfg_batch", 1) > 1:
+        parts.append(f"CFG batched x{w['cfg_batch']}")
+    if w.get("cfg_passes", 1) > 1:
+        parts.append(f"CFG as {w['cfg_passes']} calls per step")
+    return ", ".join(parts + [f"{w.get('max_sequence_length')} text tokens", str(w.get("dtype"))])
+
+
+def describe_gpu(plan: Plan) -> str:
+    from cost_models.gpu_names import CARDS
+
+    hw = plan.hardware
+    if not hw:
+        return "no GPU recorded"
+    card = CARDS.get(hw["name"])
+    label = f"{card.label}, " if card else ""
+    how = plan.explain.get("gpu_note")
+    return f"{hw['name']} ({label}{format_size(hw['vram_bytes'])}{'; ' + how if how else ''})"
+
+
+def _share(used: int, budget: int) -> str:
+    return f"{100 * used / budget:.0f}%" if budget else "-"
+
+
+def describe_budgets(plan: Plan) -> list[str]:
+    """One line per budget: as given and in GiB, and the predicted use as a share of it."""
+    b, e, x = plan.budgets, plan.predicted, plan.explain
+    if not b:
+        return ["budgets: not recorded (a hand-written plan)"]
+    vram_given = f"{x['vram_as_given']} = " if x.get("vram_as_given") else ""
+    ram_given = f"{x['ram_as_given']} = " if x.get("ram_as_given") else ""
+    ram_note = f" ({x['ram_note']})" if x.get("ram_note", "given") != "given" else ""
+    lines = [f"VRAM budget: {vram_given}{format_size(b['vram_bytes'])}",
+             f"host RAM budget: {ram_given}{format_size(b['ram_bytes'])}{ram_note}"]
+    if e is not None:
+        lines[0] += f"; card peak {format_size(e.card_peak_bytes)} = {_share(e.card_peak_bytes, b['vram_bytes'])} of it"
+        lines[1] += f"; host RAM {format_size(e.host_ram_bytes)} = {_share(e.host_ram_bytes, b['ram_bytes'])} of it"
+    return lines
+
+
+_BUDGET_NAMES = {"vram": "VRAM", "host_ram": "host RAM"}
+
+
+def describe_binding(plan: Plan) -> str:
+    """Which budget holds the plan back, and what the fastest plan it blocks would need."""
+    x = plan.explain
+    if "binding" not in x:
+        return "not recorded (the plan was not made by the search)"
+    if not x["binding"]:
+        return "none (no priced plan is faster than this one: the budgets leave room)"
+    blocked = Estimate.from_dict(x["blocked"])
+    needs = {"vram": f"a {format_size(blocked.card_peak_bytes)} card peak",
+             "host_ram": f"{format_size(blocked.host_ram_bytes)} of host RAM"}
+    names = " and ".join(_BUDGET_NAMES[b] for b in x["binding"])
+    return (f"{names} (the fastest plan priced, {blocked.total_s:.2f}s, needs "
+            + " and ".join(needs[b] for b in x["binding"]) + ")")
+
+
+def lossy_knobs(choice: Choice) -> list[str]:
+    """The knobs of `choice` that change the output: fp8 storage per component, VAE tiling."""
+    knobs = [f"{n} fp8 storage ({p.storage_dtype})" for n, p in choice.components.items() if p.fp8]
+    return knobs + (["vae tiling"] if choice.vae_tiling else [])
+
+
+def describe_lossy(plan: Plan) -> str:
+    """Which lossy knobs the plan takes and what they buy (or why none were taken)."""
+    x = plan.explain.get("lossy")
+    if x is None:
+        knobs = lossy_knobs(plan.choice)
+        return (", ".join(knobs) if knobs else "none") + " (no decision recorded)"
+    if not x["allowed"]:
+        return "none: not allowed (allow_lossy=False)"
+    taken = ", ".join(x["taken"]) if x["taken"] else "none"
+    declined = f"; declined: {', '.join(x['declined'])}" if x.get("declined") else ""
+    return f"{taken}{declined} ({x['reason']}; rule: {x['rule']})"
+
+
+def describe_cost(est: Estimate, budgets: dict) -> str:
+    """"card 7.10 GiB (95%)  host 31.20 GiB (52%)  9.10s": the predictions, as shares of the budgets if known."""
+    card, host = format_size(est.card_peak_bytes), format_size(est.host_ram_bytes)
+    if budgets:
+        card += f" ({_share(est.card_peak_bytes, budgets['vram_bytes'])})"
+        host += f" ({_share(est.host_ram_bytes, budgets['ram_bytes'])})"
+    return f"card {card:>17s}  host {host:>17s}  {est.total_s:8.2f}s"
+
+
+def _placement(p) -> str:
+    from planner.strategy import BLOCK_LEVEL, GROUP_OFFLOAD, MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD
+
+    if p.strategy == MODEL_OFFLOAD:
+        text = "on the GPU only while it runs (model CPU offload)"
+    elif p.strategy == SEQUENTIAL_OFFLOAD:
+        text = "streamed from CPU RAM layer by layer as it runs (sequential CPU offload)"
+    elif p.strategy == GROUP_OFFLOAD:
+        where = "disk" if p.offload_to_disk else ("pinned CPU RAM" if p.use_stream and not p.low_cpu_mem_usage
+                                                  else "CPU RAM")
+        n = p.num_blocks_per_group
+        unit = f"{n} block{'s' if n != 1 else ''} at a time" if p.offload_type == BLOCK_LEVEL else "layer by layer"
+        text = f"kept in {where}, loaded {unit}" + (", prefetched on a CUDA stream" if p.use_stream else "")
+        text += " (record_stream)" if p.record_stream else ""
+        text += ", pinned at each onload (low_cpu_mem_usage)" if p.low_cpu_mem_usage else ""
+        text += f", first {p.resident_blocks} blocks resident" if p.resident_blocks else ""
+    else:
+        text = "on the GPU"
+    return text + (f", weights in {p.storage_dtype} (lossy)" if p.fp8 else "")
+
+
+def describe_in_words(choice: Choice) -> str:
+    """What moves and what stays, in words: components grouped by where their weights live and how they move."""
+    groups: dict[str, list[str]] = {}
+    for name, p in choice.components.items():
+        groups.setdefault(_placement(p), []).append(name)
+    parts = [f"{', '.join(names)}: {where}" for where, names in groups.items()]
+    if choice.vae_tiling:
+        parts.append("VAE decodes in tiles (lossy)")
+    if choice.vae_slicing:
+        parts.append("VAE decodes one image at a time (slicing)")
+    return "; ".join(parts)

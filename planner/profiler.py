@@ -31,6 +31,7 @@ from planner.grouping import group_of, layout
 from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit
 from planner.sources import PipelineSource, compute_dtype, config_hash, meta_twin
 from planner.tracing import CallTrace, device_name, measure_call
+from planner.progress import bar
 from planner.workload import Workload, split_knobs
 
 logger = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ _MEMORY_CACHE: dict[str, Profile] = {}
 
 
 def profile(source: PipelineSource, workload: Workload | None = None, *, use_cache: bool = True,
-            allow_untraced: bool = False, **knobs) -> Profile:
+            allow_untraced: bool = False, progress: bool = False, **knobs) -> Profile:
     """Profile every nn.Module component of `source` for one call of its pipeline (cached by config hash + knobs).
 
     The pipeline's own `__call__` runs once on weightless twins (`planner.discovery`): which components it calls,
@@ -335,7 +336,8 @@ def profile(source: PipelineSource, workload: Workload | None = None, *, use_cac
     Components on a real device are also run for real on the recorded shapes (the `device` backend).
 
     Raises UntracedCallError naming the call that could not be traced; with `allow_untraced=True` the profile is
-    made anyway, partly blind: the untraced components are marked, and a warning is logged at every use."""
+    made anyway, partly blind: the untraced components are marked, and a warning is logged at every use.
+    `progress` shows a bar over the components."""
     backend = _backend(source)
     knobs = {**{k: v for k, v in source.workload_defaults.items() if k != "dtype"},
              **(workload_knobs(workload, _pipeline_class(source)) if workload is not None else {}), **knobs}
@@ -348,14 +350,14 @@ def profile(source: PipelineSource, workload: Workload | None = None, *, use_cac
             _MEMORY_CACHE[key] = cached
             return _warned(cached)
     start = time.perf_counter()
-    result = _profile(source, knobs, backend, allow_untraced)
+    result = _profile(source, knobs, backend, allow_untraced, progress)
     logger.info("profiled %s (%s backend) in %.2fs", source.name, backend, time.perf_counter() - start)
     _MEMORY_CACHE[key] = result
     _write_cache(key, result)
     return _warned(result)
 
 
-def _profile(source: PipelineSource, knobs: dict, backend: str, allow_untraced: bool) -> Profile:
+def _profile(source: PipelineSource, knobs: dict, backend: str, allow_untraced: bool, progress: bool) -> Profile:
     pipe_cls = _pipeline_class(source)
     twins = {n: m if _on_meta(m) else meta_twin(m) for n, m in source.components.items()}
     kwargs = call_kwargs(pipe_cls, knobs)
@@ -363,7 +365,8 @@ def _profile(source: PipelineSource, knobs: dict, backend: str, allow_untraced: 
     blind = _blind_components(found, twins)
     comps = {n: profile_component(n, twins[n], found.of(n), real=None if backend == "meta" else m,
                                   untraced=blind.get(n))
-             for n, m in source.components.items()}
+             for n, m in bar(source.components.items(), f"profiling {source.name}", progress,
+                             total=len(source.components))}
     _, extra = split_knobs(knobs)
     work = resolved_workload(pipe_cls, kwargs, found, _compute_dtype_of(comps, twins), extra)
     return Profile(source.pipeline_class, source.name, work, comps, backend,

@@ -65,6 +65,23 @@ class SearchResult:
     best: Candidate
     pareto: tuple[Candidate, ...]  # feasible, non-dominated in (card peak, seconds, host RAM)
     n_trials: int
+    # What holds the plan back: the budgets ("vram", "host_ram") that the faster priced plans exceed (empty when
+    # no priced plan is faster than `best`), and the fastest of those plans.
+    binding: tuple[str, ...] = ()
+    blocked: Candidate | None = None
+
+
+def binding_constraints(cands: list[Candidate], best: Candidate,
+                        budgets: Budgets) -> tuple[tuple[str, ...], Candidate | None]:
+    """Which budget binds: a budget binds when some priced plan faster than `best` exceeds it and fits the other
+    (raising that budget alone would buy speed); when every faster plan exceeds both, both bind."""
+    faster = [c for c in cands if c.estimate.total_s < best.estimate.total_s]
+    if not faster:
+        return (), None
+    over_vram = {id(c) for c in faster if c.estimate.card_peak_bytes > budgets.vram_bytes}
+    over_ram = {id(c) for c in faster if c.estimate.host_ram_bytes > budgets.ram_bytes}
+    binding = tuple(name for name, only in (("vram", over_vram - over_ram), ("host_ram", over_ram - over_vram)) if only)
+    return binding or ("vram", "host_ram"), min(faster, key=lambda c: c.estimate.total_s)
 
 
 def _uniform(profile: Profile, plan: ComponentPlan, fallback: ComponentPlan | None = None) -> Choice:
@@ -370,7 +387,8 @@ def search(profile: Profile, hw: HardwareSpec, budgets: Budgets, *, space: Searc
     if not feasible:
         raise _budget_error(profile, hw, budgets, space, cands)
     best = min(feasible, key=lambda c: (c.estimate.total_s, c.estimate.card_peak_bytes))
-    return SearchResult(best, pareto_front(feasible), len(study.trials))
+    binding, blocked = binding_constraints([c for c in cands if _choice_key(c.choice) not in failed], best, budgets)
+    return SearchResult(best, pareto_front(feasible), len(study.trials), binding, blocked)
 
 
 def record_measurement(storage: str | optuna.storages.BaseStorage, study_name: str, choice: Choice,

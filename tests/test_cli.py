@@ -69,6 +69,7 @@ def planned(cwd) -> dict:
         _ok(result)
     later = {f"json {b}": ["estimate", "sd15", "--plan", f"plan-{b}.json", "--json"] for b in BUDGETS}
     later["text 2GB"] = ["estimate", "sd15", "--plan", "plan-2GB.json"]
+    later["text 2GB at 1GB"] = ["estimate", "sd15", "--plan", "plan-2GB.json", "--budget", "1GB"]
     later["show 2GB"] = ["show", "plan-2GB.json"]
     return {"cwd": cwd, "plan": plans, **memplan_many(later, cwd)}
 
@@ -94,15 +95,52 @@ def test_a_small_budget_plan_offloads_and_is_priced_as_such(planned):
 
 
 def test_plan_estimate_and_show_print_the_same_prediction(planned, budget="2GB"):
-    estimate_line = _ok(planned[f"text {budget}"]).strip()
-    assert estimate_line.startswith("predicted: card peak ") and "\n" not in estimate_line
+    estimate_line = _ok(planned[f"text {budget}"]).splitlines()[0]
+    assert estimate_line.startswith("predicted: card peak ")
     shown = _ok(planned[f"show {budget}"])
-    assert shown.splitlines()[0].split()[:2] == ["component", "class"]
-    assert {line.split()[0] for line in shown.splitlines()[1:4]} == {"text_encoder", "unet", "vae"}
+    table = shown.splitlines().index(next(line for line in shown.splitlines() if line.startswith("component ")))
+    assert shown.splitlines()[table].split()[:2] == ["component", "class"]
+    assert {line.split()[0] for line in shown.splitlines()[table + 1:table + 4]} == {"text_encoder", "unet", "vae"}
     assert estimate_line in shown.splitlines()
     planned_out = _ok(planned["plan"][budget])
     assert estimate_line in planned_out.splitlines()
     assert f"wrote plan-{budget}.json" in planned_out
+
+
+def test_show_prints_gpu_workload_budgets_binding_and_lossy(planned, budget="2GB"):
+    saved = json.loads((planned["cwd"] / f"plan-{budget}.json").read_text())
+    lines = _ok(planned[f"show {budget}"]).splitlines()
+    assert lines[0] == "StableDiffusionPipeline on rtx-4090 (GeForce RTX 4090, 24.00 GiB; given); device cuda"
+    assert lines[1] == "workload: 512x512, 50 steps, batch 1, CFG batched x2, 77 text tokens, float16"
+    card, host = saved["predicted"]["card_peak_bytes"], saved["predicted"]["host_ram_bytes"]
+    assert lines[2] == (f"VRAM budget: 2GB = 1.86 GiB; card peak {card / 2**30:.2f} GiB = "
+                        f"{100 * card / 2e9:.0f}% of it")
+    assert lines[3].startswith(f"host RAM budget: 64GB = 59.60 GiB; host RAM ") and f"{100 * host / 64e9:.0f}% of it" in lines[3]
+    assert lines[4].startswith("binding: ") and lines[5].startswith("lossy: ")
+    marked = [line for line in lines if line.startswith("*[")]
+    assert len(marked) == 1  # the chosen plan, among the alternatives
+
+
+def test_estimate_says_whether_the_plan_fits_the_budget_and_the_card(planned):
+    own = _ok(planned["text 2GB"]).splitlines()
+    assert own[1].startswith("fits the plan's budget: card peak ") and own[1].endswith("of 1.86 GiB")
+    assert own[2].startswith("fits the card (rtx-4090): card peak ")
+    smaller = _ok(planned["text 2GB at 1GB"]).splitlines()
+    assert smaller[1].startswith("does NOT fit the budget 1GB: card peak ") and smaller[1].endswith("of 953.7 MiB")
+
+
+def test_every_option_of_every_command_states_its_default():
+    def actions(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from actions(sub)
+            elif action.option_strings and action.dest != "help":
+                yield action
+
+    missing = [a.option_strings[0] for a in actions(build_parser())
+               if "default" not in (a.help or "") and "required" not in (a.help or "")]
+    assert missing == []
 
 
 # ---------------------------------------------------------------- the other commands, --help
