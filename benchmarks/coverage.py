@@ -39,6 +39,7 @@ import inspect
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -464,6 +465,17 @@ def table(rows: list[Row], excluded: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def header(args) -> str:
+    import diffusers
+
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    return (f"# memplan coverage ({args.label})\n\n`python -m benchmarks.coverage {' '.join(sys.argv[1:])}` at memplan "
+            f"{rev or '?'}, diffusers {diffusers.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"on a {os.cpu_count()}-CPU machine without a GPU (plans priced for an {GPU}, per-class limit "
+            f"{args.timeout_s:.0f} s, {args.n_trials} Optuna trials).")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="pipeline classes (default: every class in scope)")
@@ -490,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.seconds:.0f} s {r.error[:120]}", flush=True)
     order = {c.name: i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: order[r.pipeline])
-    text = table(rows, excluded if not args.names else {})
+    text = header(args) + "\n\n" + table(rows, excluded if not args.names else {})
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"coverage-{args.label}.md").write_text(text + "\n")
