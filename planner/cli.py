@@ -173,6 +173,8 @@ def cmd_plan(args) -> int:
     if args.output:  # first, so a bad path fails before anything is printed
         plan.save(args.output)
     print(plan.summary())
+    if plan.loading:
+        print(f"\nload: {plan.loading['advice']}")
     print(f"\nalternatives (Pareto front, {len(plan.alternatives)}):")
     for alt in plan.alternatives[:10]:
         e = alt.predicted

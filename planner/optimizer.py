@@ -13,6 +13,7 @@ import torch
 from cost_models import GPUS, HardwareSpec, get_gpu
 from planner.devices import check_device_available, check_device_name, check_not_meta
 from planner.errors import ArgumentError, HardwareError
+from planner.loading import load_shards, loading_report, with_shards
 from planner.plan import Alternative, Plan, weights_dtype
 from planner.profiler import Profile, profile
 from planner.search import Budgets, record_measurement, search, study_name
@@ -67,7 +68,7 @@ def plan_for(model, vram_budget: int | str, *, ram_budget: int | str | None = No
     device = check_device_name(device or _default_device())
     source = _source(model, profile_backend)
     work = default_workload(source.pipeline_class, **{**source.workload_defaults, **workload})
-    prof = profile(source, work)
+    prof = with_shards(profile(source, work), load_shards(source.components, source.folder))
     ram_short = sum(c.total_bytes for c in prof.components.values()) > ram_bytes
     space = SearchSpace(cuda=torch.device(device).type == "cuda", allow_lossy=allow_lossy, allow_disk=ram_short)
     budgets = Budgets(vram_bytes, ram_bytes)
@@ -141,7 +142,8 @@ def _make_plan(prof: Profile, result, hw: HardwareSpec, device: str, budgets: Bu
                 predicted=result.best.estimate, workload=prof.workload.to_dict(),
                 budgets={"vram_bytes": budgets.vram_bytes, "ram_bytes": budgets.ram_bytes},
                 hardware=hw.to_dict(), device=device, alternatives=alternatives,
-                search={"study_name": study_name(prof, hw, budgets, space), "space": dataclasses.asdict(space)})
+                search={"study_name": study_name(prof, hw, budgets, space), "space": dataclasses.asdict(space)},
+                loading=loading_report(prof, budgets.ram_bytes))
 
 
 def _detect_gpu() -> HardwareSpec:

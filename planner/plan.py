@@ -63,6 +63,7 @@ class Plan:
     device: str = "cuda"
     alternatives: tuple[Alternative, ...] = ()
     search: dict = field(default_factory=dict)  # {"study_name", "space"}: where measurements of it are recorded
+    loading: dict = field(default_factory=dict)  # load-time host-RAM peaks and max_shard_size advice (loading.py)
     versions: dict[str, str] = field(default_factory=_versions)
     schema_version: int = SCHEMA_VERSION
 

@@ -32,6 +32,7 @@ class PipelineSource:
     workload_defaults: dict = field(default_factory=dict)
     pipeline: object | None = None
     name: str = ""
+    folder: Path | None = None  # the model folder (component sub-folders, maybe weights), when there is one
 
 
 def zoo_names() -> list[str]:
@@ -64,7 +65,9 @@ def from_pipeline(pipe, meta: bool = True) -> PipelineSource:
         raise ArgumentError(f"{type(pipe).__name__} has no nn.Module components to plan for")
     if meta:
         modules = {k: meta_twin(v) for k, v in modules.items()}
-    return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__)
+    folder = Path(str(getattr(pipe, "name_or_path", "") or ""))  # a local folder it was loaded from, if any
+    return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__,
+                          folder=folder if (folder / "model_index.json").is_file() else None)
 
 
 def meta_twin(module: torch.nn.Module) -> torch.nn.Module:
@@ -97,7 +100,7 @@ def _load_folder(path: Path, dtype: str | None, name: str = "") -> PipelineSourc
         config = json.loads(config_file.read_text())
         components[comp] = cast_like_from_pretrained(build_on_meta(library, class_name, config), torch_dtype)
     logger.debug("built %s on meta in %.2fs", path, time.perf_counter() - start)
-    return PipelineSource(pipeline_class, components, defaults, name=name or path.name)
+    return PipelineSource(pipeline_class, components, defaults, name=name or path.name, folder=path)
 
 
 _MODULE_LIBRARIES = ("diffusers", "transformers")
