@@ -94,3 +94,20 @@ def _plan_card(profile: Profile, spec: HardwareSpec, vram_bytes: int, ram_bytes:
         return search(profile, spec, Budgets(vram_bytes, ram_bytes), space=space, n_trials=n_trials, seed=seed).best.choice
     except BudgetError:
         return None
+
+
+def loader_arguments(placement: Placement) -> dict[str, dict]:
+    """`from_pretrained` keyword arguments per component that load it where the placement runs it.
+
+    DiffusionPipeline.from_pretrained (diffusers 0.42) takes only the strings "balanced", "cuda" or "cpu" as
+    `device_map` (its "balanced" assigns components by size, not by this cost model), so a placement is expressed
+    per component: `Model.from_pretrained(folder, subfolder=name, device_map={"": "cuda:i"})` for a resident
+    component, then the pipeline built from those components. An offloaded component loads on the CPU (no
+    device_map: its offloading hooks move it), and fp8 storage is applied after loading either way."""
+    out = {}
+    for name, device in placement.devices.items():
+        args: dict = {"subfolder": name}
+        if not placement.choice.components[name].offloaded:
+            args["device_map"] = {"": f"cuda:{device}"}
+        out[name] = args
+    return out

@@ -127,3 +127,17 @@ def test_sdxl_at_1024_fits_two_8gb_cards_and_no_single_one():
     best = place(prof, DeviceSet((spec, spec), (budget, budget)), 0, io_bytes(prof, source.components), space=EXACT)
     assert best.devices["unet"] != best.devices["text_encoder_2"]
     assert all(e is not None and e.card_peak_bytes <= budget for e in best.estimate.per_device)
+
+
+def test_loader_arguments_put_resident_components_on_their_card_and_offloaded_ones_on_the_cpu(tiny):
+    from planner.placement import Placement, loader_arguments
+    from planner.strategy import GROUP_OFFLOAD, LEAF_LEVEL
+
+    prof, _, _ = tiny
+    choice = Choice({**resident(prof).components, "text_encoder_2": ComponentPlan(GROUP_OFFLOAD, LEAF_LEVEL)})
+    devices = {"text_encoder": 0, "text_encoder_2": 0, "vae": 1, "transformer": 1}
+    args = loader_arguments(Placement(devices, choice, None))
+    assert args == {"text_encoder": {"subfolder": "text_encoder", "device_map": {"": "cuda:0"}},
+                    "text_encoder_2": {"subfolder": "text_encoder_2"},
+                    "vae": {"subfolder": "vae", "device_map": {"": "cuda:1"}},
+                    "transformer": {"subfolder": "transformer", "device_map": {"": "cuda:1"}}}
