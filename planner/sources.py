@@ -65,9 +65,9 @@ def from_pipeline(pipe, meta: bool = True) -> PipelineSource:
         raise ArgumentError(f"{type(pipe).__name__} has no nn.Module components to plan for")
     if meta:
         modules = {k: meta_twin(v) for k, v in modules.items()}
-    folder = Path(str(getattr(pipe, "name_or_path", "") or ""))  # a local folder it was loaded from, if any
-    return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__,
-                          folder=folder if (folder / "model_index.json").is_file() else None)
+    loaded_from = getattr(pipe, "name_or_path", None)  # a hub id or the local folder it was loaded from
+    folder = Path(loaded_from) if loaded_from and (Path(loaded_from) / "model_index.json").is_file() else None
+    return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__, folder=folder)
 
 
 def meta_twin(module: torch.nn.Module) -> torch.nn.Module:
