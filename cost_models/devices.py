@@ -47,18 +47,18 @@ def staged_bytes_per_s(source: HardwareSpec, destination: HardwareSpec) -> float
     return 1.0 / (1.0 / source.d2h_bytes_per_s + 1.0 / destination.h2d_pinned_bytes_per_s)
 
 
-def execution_device(profile: Profile, placement: dict[str, int], choice: Choice) -> int:
+def execution_device(order: list[str], placement: dict[str, int], choice: Choice) -> int:
     """Where the pipeline creates its tensors, as diffusers' `DiffusionPipeline._execution_device` decides: the
-    onload device of the first group-offloaded component, else the device of the first component."""
-    names = list(profile.components)
-    grouped = [n for n in names if choice.components[n].strategy == "group_offload"]
-    return placement[(grouped or names)[0]]
+    onload device of the first group-offloaded component, else the device of the first component, "first" in
+    the pipeline's `components` order (`order`; planner.crossing.module_order)."""
+    grouped = [n for n in order if choice.components[n].strategy == "group_offload"]
+    return placement[(grouped or order)[0]]
 
 
 def transfer_s(profile: Profile, placement: dict[str, int], choice: Choice, devices: DeviceSet,
-               io_bytes: dict[str, int]) -> float:
+               io_bytes: dict[str, int], order: list[str] | None = None) -> float:
     """Seconds per pipeline call spent copying activations between cards (T_cross above)."""
-    home = execution_device(profile, placement, choice)
+    home = execution_device(order or list(profile.components), placement, choice)
     total = 0.0
     for name, comp in profile.components.items():
         if placement[name] == home or comp.calls_per_run == 0:
@@ -99,8 +99,9 @@ def sub_choice(choice: Choice, names: list[str]) -> Choice:
 
 
 def estimate_placement(profile: Profile, choice: Choice, placement: dict[str, int], devices: DeviceSet,
-                       io_bytes: dict[str, int]) -> PlacementEstimate:
-    """Price `choice` with each component on its card `placement[name]` (a device index into `devices`)."""
+                       io_bytes: dict[str, int], order: list[str] | None = None) -> PlacementEstimate:
+    """Price `choice` with each component on its card `placement[name]` (a device index into `devices`);
+    `order` is the pipeline's components order (default: the profile's)."""
     bad = {n: d for n, d in placement.items() if not isinstance(d, int) or not 0 <= d < devices.count}
     if bad or set(placement) != set(profile.components):
         raise ValueError(f"placement {placement} must give every component a device index below {devices.count}")
@@ -108,5 +109,5 @@ def estimate_placement(profile: Profile, choice: Choice, placement: dict[str, in
     for index, spec in enumerate(devices.specs):
         names = [n for n in profile.components if placement[n] == index]
         per_device.append(estimate(sub_profile(profile, names), sub_choice(choice, names), spec) if names else None)
-    return PlacementEstimate(tuple(per_device), transfer_s(profile, placement, choice, devices, io_bytes),
+    return PlacementEstimate(tuple(per_device), transfer_s(profile, placement, choice, devices, io_bytes, order),
                              host_ram_bytes(profile.components, choice))

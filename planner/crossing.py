@@ -42,6 +42,19 @@ def call_io_bytes(module: torch.nn.Module, role: str, workload) -> int:
     return seen[0] + _bytes(out)
 
 
+def module_order(pipeline_class: str, names: list[str]) -> list[str]:
+    """The components in the order a built pipeline lists them (its `__init__` signature, which is the order the
+    diffusers pipelines register their modules in): what `_execution_device` means by "the first component".
+    A profile from a model folder lists them in model_index.json order instead."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    params = list(inspect.signature(cls.__init__).parameters) if cls is not None else []
+    return sorted(names, key=lambda n: params.index(n) if n in params else len(params) + names.index(n))
+
+
 def io_bytes(profile: Profile, modules: dict[str, torch.nn.Module]) -> dict[str, int]:
     """Per called component, the bytes one call moves in and out (components never called move nothing)."""
     return {name: call_io_bytes(modules[name], comp.role, profile.workload) if comp.calls_per_run else 0

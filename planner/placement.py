@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from cost_models.devices import DeviceSet, PlacementEstimate, estimate_placement, sub_profile
 from cost_models.hardware import HardwareSpec
+from planner.crossing import module_order
 from planner.profile_data import Profile
 from planner.search import BudgetError, Budgets, search
 from planner.space import SearchSpace
@@ -54,11 +55,12 @@ def place(profile: Profile, devices: DeviceSet, ram_bytes: int, io_bytes: dict[s
     Raises BudgetError when no placement fits (naming each card's budget)."""
     cache: dict[tuple, Choice | None] = {}
     best: Placement | None = None
+    order = module_order(profile.pipeline_class, list(profile.components))
     for devs in assignments(list(profile.components), devices):
         choice = _plan_cards(profile, devices, devs, ram_bytes, space, n_trials, seed, cache)
         if choice is None:
             continue
-        est = estimate_placement(profile, choice, devs, devices, io_bytes)
+        est = estimate_placement(profile, choice, devs, devices, io_bytes, order)
         if est.fits(devices, ram_bytes) and (best is None or est.total_s < best.estimate.total_s):
             best = Placement(devs, choice, est)
     if best is None:

@@ -10,7 +10,7 @@ import pytest
 from cost_models import estimate, get_gpu
 from cost_models.devices import (DeviceSet, estimate_placement, execution_device, staged_bytes_per_s, sub_choice,
                                  sub_profile, transfer_s)
-from planner.crossing import call_io_bytes, io_bytes
+from planner.crossing import call_io_bytes, io_bytes, module_order
 from planner.placement import assignments, place
 from planner.profiler import profile
 from planner.search import BudgetError, Budgets, search
@@ -53,13 +53,30 @@ def test_staged_copy_and_the_transfer_term_by_hand(tiny):
     assert staged_bytes_per_s(a, b) == pytest.approx(1 / (1 / a.d2h_bytes_per_s + 1 / b.h2d_pinned_bytes_per_s))
     devices = DeviceSet((a, b), (10**9, 10**9))
     placement = {n: 0 for n in prof.components} | {"transformer": 1}
-    assert execution_device(prof, placement, resident(prof)) == placement[next(iter(prof.components))] == 0
+    order = list(prof.components)
+    assert execution_device(order, placement, resident(prof)) == placement[order[0]] == 0
     calls = prof.components["transformer"].calls_per_run
     expected = calls * io["transformer"] / staged_bytes_per_s(a, b)
     assert transfer_s(prof, placement, resident(prof), devices, io) == pytest.approx(expected) and expected > 0
     assert transfer_s(prof, {n: 0 for n in prof.components}, resident(prof), devices, io) == 0.0
     with pytest.raises(ValueError, match="transformer runs on cuda:1.*unknown"):
         transfer_s(prof, placement, resident(prof), devices, {})
+
+
+def test_the_execution_device_follows_the_pipelines_component_order():
+    """diffusers' `_execution_device`: the first group-offloaded component's card, else the first component's,
+    in the order the built pipeline lists them (a zoo folder's model_index.json is alphabetical)."""
+    from planner.strategy import GROUP_OFFLOAD, LEAF_LEVEL
+
+    names = ["text_encoder", "text_encoder_2", "unet", "vae"]
+    order = module_order("StableDiffusionXLPipeline", names)
+    assert order == ["vae", "text_encoder", "text_encoder_2", "unet"]
+    assert list(tiny_flux_pipeline(seed=0).components)[0] == module_order("FluxPipeline", ["transformer", "vae"])[0]
+    placement = {"vae": 1, "text_encoder": 0, "text_encoder_2": 0, "unet": 0}
+    plain = Choice({n: ComponentPlan() for n in names})
+    assert execution_device(order, placement, plain) == 1
+    grouped = Choice({**plain.components, "unet": ComponentPlan(GROUP_OFFLOAD, LEAF_LEVEL)})
+    assert execution_device(order, placement, grouped) == 0
 
 
 def test_each_card_is_priced_as_the_single_card_model_prices_its_components(tiny):
