@@ -14,7 +14,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-from cost_models.devices import DeviceSet, PlacementEstimate, estimate_placement, sub_profile
+from cost_models.devices import DeviceSet, PlacementEstimate, estimate_placement, execution_device, sub_profile
 from cost_models.hardware import HardwareSpec
 from planner.crossing import module_order
 from planner.profile_data import Profile
@@ -58,7 +58,7 @@ def place(profile: Profile, devices: DeviceSet, ram_bytes: int, io_bytes: dict[s
     order = module_order(profile.pipeline_class, list(profile.components))
     for devs in assignments(list(profile.components), devices):
         choice = _plan_cards(profile, devices, devs, ram_bytes, space, n_trials, seed, cache)
-        if choice is None:
+        if choice is None or not _vae_at_home(order, devs, choice):
             continue
         est = estimate_placement(profile, choice, devs, devices, io_bytes, order)
         if est.fits(devices, ram_bytes) and (best is None or est.total_s < best.estimate.total_s):
@@ -68,6 +68,12 @@ def place(profile: Profile, devices: DeviceSet, ram_bytes: int, io_bytes: dict[s
         raise BudgetError(f"no placement of the components on {cards} fits with {format_size(ram_bytes)} of host RAM: "
                           "raise a budget or lower the workload", 0, 0, Choice({}))
     return best
+
+
+def _vae_at_home(order: list[str], devs: dict[str, int], choice: Choice) -> bool:
+    """A VAE is called through decode(), which no forward hook sees: it must run on the execution device
+    (planner/apply_devices.py)."""
+    return "vae" not in devs or devs["vae"] == execution_device(order, devs, choice)
 
 
 def _plan_cards(profile, devices: DeviceSet, devs: dict[str, int], ram_bytes: int, space, n_trials, seed,
