@@ -655,6 +655,13 @@ def run_scenarios(scenarios: list[Scenario], out: str | Path | None = None, *, t
     return rows
 
 
+def write_rows(rows: list[dict], out: str | Path) -> None:
+    """All rows at once: JSONL at `out`, CSV beside it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    write_csv(rows, Path(out).with_suffix(".csv"))
+
+
 def read_rows(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 EPILOG_BENCH = """examples:
   memplan bench smoke -o rows.jsonl              # built-in sets: smoke, tiny-references, dry-run, gpu
   memplan bench my-scenarios.json -o results/rows.jsonl --time-limit 400
+  memplan bench gpu --storage postgresql://user:pw@db-host/memplan -o rows.jsonl   # same line on every worker
 """
 EPILOG_REPORT = """examples:
   memplan report rows.jsonl -o report.html
@@ -106,6 +107,10 @@ def _bench_args(sub) -> None:
     b.add_argument("-o", "--output", default="rows.jsonl",
                    help="rows JSONL, a CSV is written beside it (default: rows.jsonl)")
     b.add_argument("--time-limit", type=float, help="seconds after which no new scenario starts (default: none)")
+    b.add_argument("--storage", help="Optuna RDB URL shared by every worker (PostgreSQL across machines, SQLite on "
+                                     "one): each scenario is run once by one of them; rows of all are written "
+                                     "(default: none, one process)")
+    b.add_argument("--sweep", help="name of the sweep study (default: derived from the scenarios)")
     r = sub.add_parser("report", help="render benchmark rows or a plan file as HTML (or markdown)",
                        epilog=EPILOG_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("rows", help="rows JSONL from `memplan bench`, or a plan JSON from `memplan plan -o`")
@@ -124,9 +129,31 @@ def cmd_bench(args) -> int:
         times = f"pred {pred:.4g}s extrap {meas:.4g}s ({where})" if pred is not None and meas is not None else ""
         print(f"{row['scenario']:32s} {row['status']:12s} {times} {row.get('message', '')[:100]}")
 
-    rows = run_scenarios(resolve(args.scenarios), args.output, time_limit_s=args.time_limit, progress=show)
+    scenarios = resolve(args.scenarios)
+    if args.storage:
+        rows = _bench_sweep(scenarios, args, show)
+    else:
+        if args.sweep:
+            raise ValueError("--sweep names a study in a shared storage: give --storage too")
+        rows = run_scenarios(scenarios, args.output, time_limit_s=args.time_limit, progress=show)
     print(f"\nwrote {len(rows)} rows to {args.output}")
     return 0
+
+
+def _bench_sweep(scenarios: list, args, show) -> list[dict]:
+    """Work on the shared sweep until it is done; every scenario's row (whoever ran it) goes to the output."""
+    import dataclasses
+
+    from benchmarks.runner import write_rows
+    from benchmarks.sweep import run_sweep
+
+    if args.time_limit is not None:
+        raise ValueError("--time-limit applies to a local run; a shared sweep runs until every scenario is done")
+    # The scenarios' searches and measured runs go to the same storage, so the workers share those studies too.
+    scenarios = [s if s.storage else dataclasses.replace(s, storage=args.storage) for s in scenarios]
+    rows = run_sweep(scenarios, args.storage, name=args.sweep, on_row=show)
+    write_rows(rows, args.output)
+    return rows
 
 
 def cmd_report(args) -> int:
@@ -175,6 +202,8 @@ def cmd_plan(args) -> int:
     if args.output:  # first, so a bad path fails before anything is printed
         plan.save(args.output)
     print(plan.summary())
+    if plan.loading:
+        print(f"\nload: {plan.loading['advice']}")
     if args.output:
         print(f"\nwrote {args.output}")
     return 0

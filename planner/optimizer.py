@@ -15,6 +15,7 @@ from planner.devices import check_device_available, check_device_name, check_not
 from planner.errors import ArgumentError, HardwareError
 from planner.guard import Planning, install, uninstall
 from planner.plan import Alternative, Plan, describe_binding, describe_workload, lossy_knobs, weights_dtype
+from planner.loading import load_shards, loading_report, with_shards
 from planner.profiler import Profile, profile
 from planner.progress import resolve as resolve_progress
 from planner.search import BudgetError, Budgets, SearchResult, pareto_front, record_measurement, search, study_name
@@ -105,7 +106,8 @@ def _plan_for(model, vram_budget, *, ram_budget, gpu, device, allow_lossy, n_tri
     vram_bytes = bounded
     device = check_device_name(device or DEFAULT_DEVICE)
     source = _source(model, profile_backend)
-    prof = profile(source, allow_untraced=allow_untraced, progress=show, **workload)
+    prof = with_shards(profile(source, allow_untraced=allow_untraced, progress=show, **workload),
+                       load_shards(source.components, source.folder))
     work = prof.workload  # what the pipeline ran: its own defaults, the user's knobs on top
     logger.info("workload: %s (%s)", describe_workload(work.to_dict()),
                 f"set: {', '.join(sorted(workload))}" if workload else "the pipeline's defaults")
@@ -258,7 +260,7 @@ def _make_plan(prof: Profile, result: SearchResult, hw: HardwareSpec, device: st
                 budgets={"vram_bytes": budgets.vram_bytes, "ram_bytes": budgets.ram_bytes},
                 hardware=hw.to_dict(), device=device, alternatives=alternatives,
                 search={"study_name": study_name(prof, hw, budgets, space), "space": dataclasses.asdict(space)},
-                explain=explain)
+                explain=explain, loading=loading_report(prof, budgets.ram_bytes))
 
 
 def _detect_gpu() -> HardwareSpec:

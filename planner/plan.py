@@ -86,6 +86,7 @@ class Plan:
     # Why this plan: budgets as given, how the RAM budget and the GPU were set, the binding budget(s) and the
     # fastest plan they block, the lossy-knob decision (see optimizer.plan_for). Empty for hand-written plans.
     explain: dict = field(default_factory=dict)
+    loading: dict = field(default_factory=dict)  # load-time host-RAM peaks and max_shard_size advice (loading.py)
     versions: dict[str, str] = field(default_factory=_versions)
     schema_version: int = SCHEMA_VERSION
 

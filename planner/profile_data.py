@@ -98,6 +98,14 @@ class ComponentProfile:
     measured_on: str | None = None
     # every distinct call the pipeline makes of this component (discovery); () on profiles made before it
     calls: tuple[CallProfile, ...] = ()
+    # loading (planner/loading.py, from the source's files): the largest checkpoint shard and where it was read
+    largest_shard_bytes: int | None = None
+    shard_source: str | None = None
+
+    @property
+    def load_peak_bytes(self) -> int | None:
+        """Host RAM while from_pretrained loads this component: its weights + the shard being read (a bound)."""
+        return None if self.largest_shard_bytes is None else self.total_bytes + self.largest_shard_bytes
 
     @property
     def param_bytes(self) -> int:

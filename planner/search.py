@@ -28,6 +28,7 @@ from cost_models.time import component_run_s
 from planner.errors import ArgumentError, BudgetError  # noqa: F401  (BudgetError re-exported)
 from planner.plan import describe_choice
 from planner.profile_data import ComponentProfile, Profile
+from planner.storage import open_storage
 from planner.space import (PER_COMPONENT, SearchSpace, choice_trial_params, enumerate_component,
                            enumerate_vae, suggest_choice)
 from planner.strategy import (BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, MODEL_OFFLOAD, RESIDENT, SEQUENTIAL_OFFLOAD,
@@ -330,12 +331,9 @@ def _sampler(seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
 def _open_study(profile: Profile, hw: HardwareSpec, budgets: Budgets, space: SearchSpace, seed: int, n_trials: int,
                 storage, name: str | None) -> optuna.Study:
     name = name or study_name(profile, hw, budgets, space)
-    try:
-        study = optuna.create_study(storage=storage, sampler=_sampler(seed, n_trials), study_name=name,
-                                    load_if_exists=True)
-    except Exception as err:  # sqlalchemy's errors for a bad URL are many; name the input instead
-        raise ArgumentError(f"storage {storage!r} cannot be opened ({type(err).__name__}: {err}); give an Optuna "
-                         "RDB URL such as 'sqlite:///memplan.db' or 'postgresql://user@host/db'") from err
+    storage = open_storage(storage) if storage is not None else None  # raises an ArgumentError naming a bad URL
+    study = optuna.create_study(storage=storage, sampler=_sampler(seed, n_trials), study_name=name,
+                                load_if_exists=True)
     if not study.trials:
         study.set_user_attr("budgets", budgets.__dict__)  # record_measurement judges measured peaks against them
         _add_classics(study, profile, hw, budgets, space)
@@ -401,7 +399,7 @@ def record_measurement(storage: str | optuna.storages.BaseStorage, study_name: s
     without a time is a FAIL trial, and search() never returns that plan again. Both carry user_attrs
     `measured=True`, `choice`, `measured_s`, `peak_bytes`, `failed`.
     """
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     params, distributions = choice_trial_params(choice, profile, space)
     failed = failed or measured_s is None
     attrs = {"measured": True, "choice": choice.to_dict(), "measured_s": measured_s, "peak_bytes": peak_bytes,

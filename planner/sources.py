@@ -37,6 +37,7 @@ class PipelineSource:
     pipeline: object | None = None
     name: str = ""
     assumptions: tuple[str, ...] = ()  # stand-ins used for missing files, for the profile to state
+    folder: Path | None = None  # the model folder (component sub-folders, maybe weights), when there is one
 
 
 def zoo_names() -> list[str]:
@@ -69,7 +70,9 @@ def from_pipeline(pipe, meta: bool = True) -> PipelineSource:
         raise ArgumentError(f"{type(pipe).__name__} has no nn.Module components to plan for")
     if meta:
         modules = {k: meta_twin(v) for k, v in modules.items()}
-    return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__)
+    loaded_from = getattr(pipe, "name_or_path", None)  # a hub id or the local folder it was loaded from
+    folder = Path(loaded_from) if loaded_from and (Path(loaded_from) / "model_index.json").is_file() else None
+    return PipelineSource(type(pipe).__name__, modules, pipeline=pipe, name=type(pipe).__name__, folder=folder)
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -136,7 +139,7 @@ def _load_folder(path: Path, dtype: str | None, name: str = "") -> PipelineSourc
 
     pipe, glue_notes = build_pipeline(pipeline_class, index, path, components)
     return PipelineSource(pipeline_class, components, defaults, pipe, name=name or path.name,
-                          assumptions=(*notes, *glue_notes))
+                          assumptions=(*notes, *glue_notes), folder=path)
 
 
 def _folder_dtype(path: Path, index: dict, given: str | None) -> tuple[str, list[str]]:
