@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from planner.workload import Workload
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 CALL_PHASES = ("encode", "denoise", "decode")  # before, inside and after the denoising loop
 
 
@@ -97,6 +97,9 @@ class ComponentProfile:
     measured_on: str | None = None
     # every distinct call the pipeline makes of this component (discovery); () on profiles made before it
     calls: tuple[CallProfile, ...] = ()
+    # extra weight bytes on the device while the pipeline runs the component upcast (SDXL decodes its fp16 VAE
+    # in fp32 when the VAE's config says force_upcast: the fp32 copy is twice the fp16 bytes)
+    upcast_weight_bytes: int = 0
 
     @property
     def param_bytes(self) -> int:

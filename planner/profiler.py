@@ -24,7 +24,7 @@ import torch
 
 from planner.inputs import NoInputsKnown, call_builder
 from planner.sources import PipelineSource, config_hash
-from planner.tracing import CallTrace, block_names, device_name, measure_call, trace_call
+from planner.tracing import CallTrace, block_names, device_name, measure_call, op_stats, trace_call
 from planner.profile_data import PROFILE_VERSION, CallProfile, ComponentProfile, OpStat, Profile, Unit
 from planner.workload import Workload
 
@@ -206,6 +206,43 @@ def _tiled_paths_watched(module):
         module.__dict__.update(shadowed)
 
 
+def pipeline_upcasts_vae(pipeline_class: str) -> bool:
+    """Whether the pipeline's own code decodes a fp16 VAE in fp32 when its config says `force_upcast` (SDXL's
+    `upcast_vae`; SD 1.5's pipeline does not). Read from the pipeline class's source, not from a table."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    try:
+        return cls is not None and "force_upcast" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+
+
+def upcasts(module: torch.nn.Module, pipeline_upcasts: bool) -> bool:
+    """A fp16 VAE the pipeline runs in fp32 for decoding (weights and activations twice the bytes)."""
+    return (pipeline_upcasts and bool(getattr(getattr(module, "config", None), "force_upcast", False))
+            and any(p.dtype == torch.float16 for p in module.parameters()))
+
+
+@contextlib.contextmanager
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype | None):
+    """The meta module's floating tensors in `dtype` for one trace, each restored after it (meta: free)."""
+    if dtype is None:
+        yield
+        return
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    originals = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t, original in zip(tensors, originals):
+            t.data = t.data.to(original)
+
+
 def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
     """The plain decode, and its activation peaks with tiling and with slicing when the VAE offers them.
 
@@ -218,6 +255,7 @@ def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
             tiled = _trace(module, "vae", workload)
         if used:  # tiled_* stay None when tiling would change nothing for this workload
             extra.update(tiled_activation_peak_bytes=tiled.peak_bytes, tiled_flops_per_call=tiled.flops)
+            extra["tiled_trace"] = tiled
         plain = None if used else tiled
     if plain is None:
         with _vae_flags(module, tiling=False, slicing=False):
@@ -228,15 +266,37 @@ def _vae_traces(module, workload) -> tuple[CallTrace, dict]:
     return plain, extra
 
 
-def profile_component(name: str, module: torch.nn.Module, workload: Workload) -> ComponentProfile:
+_METHODS = {"text_encoder": "forward", "denoiser": "forward", "vae": "decode"}
+_PHASES = {"text_encoder": "encode", "denoiser": "denoise", "vae": "decode"}
+
+
+def _calls(role: str, workload: Workload, trace: CallTrace | None, tiled: CallTrace | None) -> tuple[CallProfile, ...]:
+    """The component's traced call (and the VAE's tiled variant) as per-call records with their ops."""
+    if trace is None or role not in _PHASES:
+        return ()
+    plain = CallProfile(_METHODS[role], _PHASES[role], calls_per_run(role, workload), "", trace.peak_bytes,
+                        trace.peak_module, trace.flops, op_stats(trace.ops))
+    if tiled is None:
+        return (plain,)
+    return plain, dataclasses.replace(plain, activation_peak_bytes=tiled.peak_bytes,
+                                      activation_peak_module=tiled.peak_module, flops=tiled.flops,
+                                      ops=op_stats(tiled.ops), variant="tiled")
+
+
+def profile_component(name: str, module: torch.nn.Module, workload: Workload,
+                      pipeline_upcasts: bool = False) -> ComponentProfile:
     role = role_of(name, module)
     layers = fp8_layers(module)
     blocks, unmatched, lists = _units(module, layers)
     leaves = _leaves(module)
     extra: dict = {}
+    on_meta = next(module.parameters()).device.type == "meta"
+    upcast = role == "vae" and upcasts(module, pipeline_upcasts)
     try:
         if role == "vae":
-            trace, extra = _vae_traces(module, workload)
+            # traced in the dtype the pipeline decodes in (on meta; a real module is measured as it is)
+            with _in_dtype(module, torch.float32 if upcast and on_meta else None):
+                trace, extra = _vae_traces(module, workload)
         else:
             trace = _trace(module, role, workload) if role != "other" else None
     except NoInputsKnown as err:
@@ -248,6 +308,7 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
         if next(module.parameters()).device.type != "meta":
             measured, blocks = _measure(module, role, workload, blocks)
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
+    tiled = extra.pop("tiled_trace", None)
     return ComponentProfile(
         name=name, class_name=type(module).__name__, config_hash=config_hash(module), role=role,
         param_bytes_by_dtype=_bytes_by_dtype(module), buffer_bytes=_tensor_bytes(module.buffers()),
@@ -259,6 +320,9 @@ def profile_component(name: str, module: torch.nn.Module, workload: Workload) ->
         flops_per_call=trace.flops if trace else 0.0, activations_known=trace is not None,
         supports_layerwise_casting=layerwise_casting_works(module, role),
         disk_unsafe_offload_types=tuple(t for t in ("block_level", "leaf_level") if tied_weights_split(module, t)),
+        calls=_calls(role, workload, trace, tiled),
+        # the fp32 copy replaces the fp16 weights: twice their bytes while decoding
+        upcast_weight_bytes=_tensor_bytes(module.parameters()) if upcast else 0,
         **{**extra, **measured},
     )
 
@@ -305,7 +369,8 @@ def profile(source: PipelineSource, workload: Workload, *, use_cache: bool = Tru
             _MEMORY_CACHE[key] = cached
             return cached
     start = time.perf_counter()
-    comps = {n: profile_component(n, m, workload) for n, m in source.components.items()}
+    upcasts_vae = pipeline_upcasts_vae(source.pipeline_class)
+    comps = {n: profile_component(n, m, workload, upcasts_vae) for n, m in source.components.items()}
     result = Profile(source.pipeline_class, source.name, workload, comps, backend)
     logger.info("profiled %s (%s backend) in %.2fs", source.name, backend, time.perf_counter() - start)
     _MEMORY_CACHE[key] = result

@@ -35,6 +35,53 @@ class CallTrace:
     flops: float = 0.0
     block_flops: dict[str, float] = field(default_factory=dict)
     output_bytes: int = 0
+    # (kind, dtype, flops, bytes_moved) -> kernel launches: the call's ops for a roofline (see op_stats)
+    ops: dict[tuple[str, str, float, int], int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- ops for a roofline
+# Which kernels an aten op launches, by its overload packet name. Views and bare allocations launch none.
+_MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "dot", "_scaled_mm"})
+_CONV_OPS = frozenset({"convolution", "_convolution", "cudnn_convolution", "convolution_overrideable"})
+_NO_KERNEL_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach",
+                            "alias", "lift_fresh", "_unsafe_view", "set_", "resize_"})
+
+
+def op_kind(name: str) -> str | None:
+    """The roofline class of an aten op (its overload packet name), None when it launches no kernel."""
+    if name in _MATMUL_OPS:
+        return "matmul"
+    if name in _CONV_OPS:
+        return "conv"
+    if "scaled_dot_product" in name or name.endswith("_attention"):
+        return "attention"
+    return None if name in _NO_KERNEL_OPS else "other"
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _op_key(func, args, kwargs, out, flops: float) -> tuple[str, str, float, int] | None:
+    """(kind, dtype, flops, bytes read + written) of one dispatched op; None for views and bare allocations."""
+    if func.is_view:
+        return None
+    kind = op_kind(func._overloadpacket.__name__)
+    if kind is None:
+        return None
+    inputs = _input_tensors([*args, *kwargs.values()])
+    outs = _tensors(out)
+    floating = next((t for t in [*inputs, *outs] if t.is_floating_point()), None)
+    dtype = str(floating.dtype).removeprefix("torch.") if floating is not None else "other"
+    return kind, dtype, float(flops), _nbytes(inputs) + _nbytes(outs)
+
+
+def op_stats(ops: dict[tuple[str, str, float, int], int]) -> tuple:
+    """A traced call's aggregated ops as `OpStat` records (the data model's roofline input)."""
+    from planner.profile_data import OpStat
+
+    return tuple(OpStat(kind, dtype, count, flops, n_bytes)
+                 for (kind, dtype, flops, n_bytes), count in sorted(ops.items(), key=lambda kv: -kv[1]))
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -171,6 +218,9 @@ class _LiveBytesMode(TorchDispatchMode):
             out, flops = _from_memo(entry), entry[2]
         if flops:
             self.add_flops(flops)
+        op = _op_key(func, args, kwargs, out, flops)
+        if op is not None:
+            self.add_op(op)
         for tensor in _tensors(out):
             self._track(tensor)
         return out
@@ -200,6 +250,9 @@ class _LiveBytesMode(TorchDispatchMode):
         formula = flop_registry.get(func._overloadpacket)
         return float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
 
+    def add_op(self, op: tuple[str, str, float, int]) -> None:
+        self.trace.ops[op] = self.trace.ops.get(op, 0) + 1
+
     def add_flops(self, flops: float) -> None:
         self.trace.flops += flops
         block = self.where()
@@ -218,6 +271,8 @@ def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     flops = 4.0 * batch_heads * query.shape[-2] * key.shape[-2] * query.shape[-1]
     if _ACTIVE:
         _ACTIVE[-1].add_flops(flops)
+        n_bytes = _nbytes((query, key, value, out))  # flash reads q, k, v once and writes the output
+        _ACTIVE[-1].add_op(("attention", str(query.dtype).removeprefix("torch."), flops, n_bytes))
     return out
 
 
