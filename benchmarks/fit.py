@@ -1,13 +1,20 @@
 """Fit the per-GPU constants of the cost model on the published calibration rows: `python -m benchmarks.fit`.
 
-For each GPU with rows: least squares on log(predicted / published) over its rows usable for fitting (memory
-and time), each constant bounded to the physical range below, in log space (scipy's trust-region reflective
-solver). Only constants the GPU's rows move are fitted; the others keep their default. A GPU without rows keeps
-its datasheet-derived link rates and gets, for what does not depend on the card's link (kernel efficiencies,
-launch and hook costs, allocator ratio), the median of the fitted GPUs' values ("default" in the file).
-Writes cost_models/fitted.json (per GPU: constants, the row ids they came from, the errors) and prints the
-errors on the rows with leave-one-out errors beside them (each row predicted by constants fitted without it).
+One mechanism at a time (the calibration README's advice), per GPU with rows:
+  1. compute: the kernel efficiencies, memory efficiency and launch floor, on the times of rows that keep every
+     component on the GPU (no transfers in them);
+  2. transfers: the host-link rates and the offload overheads, on the times of rows that offload, with the
+     compute constants of stage 1 held;
+  3. memory: the allocator's reserved/allocated ratio, on the memory rows.
+Each stage is least squares on log(predicted / published), each constant bounded to the physical range below, in
+log space (scipy's trust-region reflective solver), plus a weak prior (PRIOR_WEIGHT per e-fold away from the
+default) so that a constant few rows pin down stays near its default instead of wandering. Only constants the
+stage's rows move are fitted. A GPU without rows keeps its datasheet-derived link rates and gets, for what does
+not depend on the card's link (kernel efficiencies, launch and hook costs, allocator ratio), the median of the
+fitted GPUs' values ("default" in the file).
 
+Writes cost_models/fitted.json (per GPU: constants, the row ids they came from, bounds, errors) and prints the
+errors on the rows with leave-one-out errors beside them (each row predicted by constants fitted without it).
 calibrate() on a real GPU measures these constants directly; its spec takes precedence over the table.
 """
 
@@ -49,7 +56,9 @@ _D2H_MAX_BY_GEN = {3: 13e9, 4: 27.1e9, 5: 57.3e9}
 def bounds(spec: HardwareSpec) -> dict[str, Bound]:
     pinned_lo, pinned_hi = _PINNED_BY_GEN[spec.pcie_gen] if spec.pcie_gen in _PINNED_BY_GEN else (5e9, 57.1e9)
     return {
-        "compute_efficiency": Bound(0.25, 0.9, "GEMM/conv/attention kernels reach 50-85% of peak on large shapes"),
+        "compute_efficiency": Bound(0.3, 0.9, "cuBLAS GEMMs reach 50-85% of the dense peak on large shapes"),
+        "attention_efficiency": Bound(0.15, 0.8, "flash/mem-efficient attention: 35-75% of peak (FA2 to FA3)"),
+        "conv_efficiency": Bound(0.03, 0.8, "cuDNN convolutions in NCHW, GroupNorm-heavy VAEs: far below GEMMs"),
         "mem_efficiency": Bound(0.4, 0.95, "STREAM-like kernels reach 70-90% of datasheet bandwidth"),
         "launch_s": Bound(3e-6, 40e-6, "eager PyTorch dispatch + launch: a few to tens of microseconds per op"),
         "h2d_pinned_bytes_per_s": Bound(pinned_lo, pinned_hi, "B1-B3 for this PCIe generation"),
@@ -66,7 +75,7 @@ def bounds(spec: HardwareSpec) -> dict[str, Bound]:
 
 # Constants that describe the libraries and kernels rather than the card's host link: a GPU without rows takes
 # the fitted GPUs' median of these.
-PORTABLE = ("compute_efficiency", "mem_efficiency", "launch_s", "sync_s", "module_hook_s", "pin_bytes_per_s",
+PORTABLE = ("compute_efficiency", "attention_efficiency", "conv_efficiency", "mem_efficiency", "launch_s", "sync_s", "module_hook_s", "pin_bytes_per_s",
             "page_cache_bytes_per_s", "reserved_over_allocated")
 # Datasheet dense fp32 (CUDA-core) FLOP/s of the data-centre cards, where it is not half the bf16 figure.
 DATASHEET_FP32_FLOPS = {
@@ -76,6 +85,28 @@ DATASHEET_FP32_FLOPS = {
     "l4": 30.3e12, "t4": 8.1e12, "a10g": 31.2e12,  # L4, T4 datasheets; A10G (AWS): 31.2
 }
 SENSITIVITY = 1e-4  # a constant whose 1% change moves no row's log error by more than this is not fitted
+# Weight of the prior: one e-fold (2.7x) away from the default costs as much as one row 10% off.
+PRIOR_WEIGHT = 0.1
+COMPUTE = ("compute_efficiency", "attention_efficiency", "conv_efficiency", "mem_efficiency", "launch_s")
+TRANSFERS = ("h2d_pinned_bytes_per_s", "h2d_pageable_fraction", "d2h_bytes_per_s", "sync_s", "module_hook_s",
+             "pin_bytes_per_s", "page_cache_bytes_per_s")
+MEMORY = ("reserved_over_allocated",)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    constants: tuple[str, ...]
+    quantity: str
+    offloaded: bool | None  # rows with (True) / without (False) offloading; None: all
+
+    def takes(self, c: Comparison) -> bool:
+        return (c.fit and c.quantity == self.quantity
+                and (self.offloaded is None or (c.category == "offload") == self.offloaded))
+
+
+STAGES = (Stage("compute", COMPUTE, "time", False), Stage("transfers", TRANSFERS, "time", True),
+          Stage("memory", MEMORY, "memory", None))
 
 
 def _base(name: str) -> HardwareSpec:
@@ -84,9 +115,10 @@ def _base(name: str) -> HardwareSpec:
     return dataclasses.replace(spec, fp32_flops=fp32) if fp32 else spec
 
 
-def _residuals(rows: list[dict], spec: HardwareSpec) -> tuple[np.ndarray, list[Comparison]]:
+def _residuals(rows: list[dict], spec: HardwareSpec, stage: Stage | None = None
+               ) -> tuple[np.ndarray, list[Comparison]]:
     comps, _ = compare_all(rows, {spec.name: spec})
-    comps = [c for c in comps if c.fit]
+    comps = [c for c in comps if (stage.takes(c) if stage else c.fit)]
     return np.array([math.log(max(c.predicted, 1e-12) / c.published) for c in comps]), comps
 
 
@@ -107,38 +139,51 @@ def _with(spec: HardwareSpec, names: list[str], logs: np.ndarray) -> HardwareSpe
     return _set(spec, {n: float(math.exp(v)) for n, v in zip(names, logs)})
 
 
-def sensitive(rows: list[dict], spec: HardwareSpec) -> list[str]:
-    """The constants whose 1% change moves at least one of these rows."""
-    base, _ = _residuals(rows, spec)
+def sensitive(rows: list[dict], spec: HardwareSpec, stage: Stage) -> list[str]:
+    """The stage's constants whose 1% change moves at least one of the stage's rows."""
+    base, _ = _residuals(rows, spec, stage)
     moved = []
-    for name, bound in bounds(spec).items():
+    for name in stage.constants:
+        bound = bounds(spec)[name]
         value = min(max(_get(spec, name), bound.lo), bound.hi)
-        nudged, _ = _residuals(rows, _set(spec, {name: value * 1.01}))
+        nudged, _ = _residuals(rows, _set(spec, {name: value * 1.01}), stage)
         if base.size and np.max(np.abs(nudged - base)) > SENSITIVITY:
             moved.append(name)
     return moved
 
 
-def fit_gpu(rows: list[dict], spec: HardwareSpec, names: list[str] | None = None) -> HardwareSpec:
-    """`spec` with the constants its rows move fitted (least squares on log error, within `bounds`)."""
-    names = sensitive(rows, spec) if names is None else names
+def fit_stage(rows: list[dict], spec: HardwareSpec, stage: Stage) -> tuple[HardwareSpec, list[str]]:
+    """`spec` with the stage's constants that its rows move fitted (least squares on log error + prior)."""
+    names = sensitive(rows, spec, stage)
     if not names:
-        return spec
+        return spec, names
     b = bounds(spec)
     lo = np.log([b[n].lo for n in names])
     hi = np.log([b[n].hi for n in names])
     start = np.clip(np.log([_get(spec, n) for n in names]), lo + 1e-9, hi - 1e-9)
-    result = least_squares(lambda x: _residuals(rows, _with(spec, names, x))[0], start, bounds=(lo, hi),
-                           diff_step=1e-3, x_scale=1.0)
-    return _with(spec, names, result.x)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([_residuals(rows, _with(spec, names, x), stage)[0], PRIOR_WEIGHT * (x - start)])
+
+    result = least_squares(residuals, start, bounds=(lo, hi), diff_step=1e-3)
+    return _with(spec, names, result.x), names
 
 
-def leave_one_out(rows: list[dict], spec: HardwareSpec, names: list[str]) -> dict[tuple[str, str], float]:
+def fit_gpu(rows: list[dict], spec: HardwareSpec) -> tuple[HardwareSpec, list[str]]:
+    """`spec` fitted stage by stage (compute, transfers, memory); returns it and the constants fitted."""
+    fitted: list[str] = []
+    for stage in STAGES:
+        spec, names = fit_stage(rows, spec, stage)
+        fitted += names
+    return spec, fitted
+
+
+def leave_one_out(rows: list[dict], spec: HardwareSpec) -> dict[tuple[str, str], float]:
     """(row id, quantity) -> error of the row predicted with constants fitted on the other rows."""
     out = {}
     for row in rows:
         others = [r for r in rows if r["id"] != row["id"]]
-        fitted = fit_gpu(others, spec, [n for n in names if n in sensitive(others, spec)]) if others else spec
+        fitted = fit_gpu(others, spec)[0] if others else spec
         comps, _ = compare_all([row], {spec.name: fitted})
         out.update({(c.row, c.quantity): c.error for c in comps if c.fit})
     return out
@@ -158,10 +203,9 @@ def fit_all(rows: list[dict], loo: bool = True) -> dict:
     gpus, report = {}, []
     for gpu, gpu_rows in sorted(_fitting_rows(rows).items()):
         base = _base(gpu)
-        names = sensitive(gpu_rows, base)
-        fitted = fit_gpu(gpu_rows, base, names)
+        fitted, names = fit_gpu(gpu_rows, base)
         _, comps = _residuals(gpu_rows, fitted)
-        loo_err = leave_one_out(gpu_rows, base, names) if loo else {}
+        loo_err = leave_one_out(gpu_rows, base) if loo else {}
         constants = {n: getattr(fitted, n) for n in names if n != "h2d_pageable_fraction"}
         if "h2d_pageable_fraction" in names:
             constants["h2d_pageable_bytes_per_s"] = fitted.h2d_pageable_bytes_per_s

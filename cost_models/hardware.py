@@ -43,8 +43,11 @@ class HardwareSpec:
     source: str
     # --- constants no datasheet gives: defaults below, replaced per GPU by cost_models/fitted.json (fitted on
     # published measurements by `python -m benchmarks.fit`, with the row ids) or by calibrate() on the card.
-    # Fraction of the dtype's peak FLOP/s that GEMM, convolution and attention kernels reach (roofline compute).
+    # Fractions of the dtype's peak FLOP/s that each kernel family reaches (roofline compute): cuBLAS GEMMs,
+    # flash / memory-efficient attention, cuDNN convolutions (VAEs in NCHW reach far less than GEMMs).
     compute_efficiency: float = 0.6
+    attention_efficiency: float = 0.4
+    conv_efficiency: float = 0.3
     # Fraction of the datasheet memory bandwidth that memory-bound kernels (elementwise, norms, copies) reach.
     mem_efficiency: float = 0.7
     # Floor of one kernel launch in eager PyTorch: the CPU-side dispatch (Python, ATen, CUDA launch) that a
@@ -89,7 +92,7 @@ class HardwareSpec:
         bad = [f for f in positive if not getattr(self, f) > 0]
         if bad:
             raise ValueError(f"HardwareSpec {self.name!r}: {', '.join(bad)} must be > 0")
-        for frac in ("compute_efficiency", "mem_efficiency"):
+        for frac in ("compute_efficiency", "attention_efficiency", "conv_efficiency", "mem_efficiency"):
             if not 0 < getattr(self, frac) <= 1:
                 raise ValueError(f"HardwareSpec {self.name!r}: {frac} must be in (0, 1], got {getattr(self, frac)}")
         rates = ("launch_s", "sync_s", "module_hook_s", "pin_bytes_per_s", "page_cache_bytes_per_s")

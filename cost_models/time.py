@@ -1,9 +1,9 @@
 """Seconds per pipeline phase: compute, transfers, overlap — each term carries its equation.
 
 Compute, per traced call (a roofline over its ops, `CallProfile.ops`):
-    op(o)      = max(flops_o / (peak(kind, dtype) * compute_efficiency), bytes_o / (mem_bw * mem_efficiency), launch_s)
+    op(o)      = max(flops_o / (peak(kind, dtype) * efficiency(kind)), bytes_o / (mem_bw * mem_efficiency), launch_s)
     compute(c) = sum_o count_o * op(o)
-  peak: bf16/fp16 tensor cores; fp32 convolutions TF32 (cuDNN's default; half the bf16 rate on Ampere and later);
+  efficiency(kind): compute_efficiency (GEMMs), attention_efficiency, conv_efficiency; peak: bf16/fp16 tensor cores; fp32 convolutions TF32 (cuDNN's default; half the bf16 rate on Ampere and later);
   fp32 matmuls and attention on CUDA cores (fp32_flops). A call without ops: flops / (bf16 peak * efficiency).
   On a spec calibrated on the device a device profile ran on, the measured seconds replace the roofline.
 
@@ -51,9 +51,15 @@ def peak_flops(kind: str, dtype: str, hw: HardwareSpec) -> float:
     return hw.fp32_peak_flops
 
 
+def efficiency(kind: str, hw: HardwareSpec) -> float:
+    """Fraction of peak a kernel family reaches: attention and convolutions have their own, GEMMs (and the few
+    FLOPs of other ops) compute_efficiency."""
+    return {"attention": hw.attention_efficiency, "conv": hw.conv_efficiency}.get(kind, hw.compute_efficiency)
+
+
 def op_s(op: OpStat, hw: HardwareSpec) -> float:
     """One launch: max(flops / achieved peak, bytes / achieved bandwidth, launch floor)."""
-    compute = op.flops / (peak_flops(op.kind, op.dtype, hw) * hw.compute_efficiency) if op.flops else 0.0
+    compute = op.flops / (peak_flops(op.kind, op.dtype, hw) * efficiency(op.kind, hw)) if op.flops else 0.0
     memory = op.bytes_moved / (hw.mem_bytes_per_s * hw.mem_efficiency)
     return max(compute, memory, hw.launch_s)
 

@@ -62,11 +62,14 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+_KIND_OF: dict = {}  # OpOverload -> kind or None (views, bare allocations); filled on first sight
+
+
 def _op_key(func, args, kwargs, out, flops: float) -> tuple[str, str, float, int] | None:
     """(kind, dtype, flops, bytes read + written) of one dispatched op; None for views and bare allocations."""
-    if func.is_view:
-        return None
-    kind = op_kind(func._overloadpacket.__name__)
+    kind = _KIND_OF.get(func, "?")
+    if kind == "?":
+        kind = _KIND_OF[func] = None if func.is_view else op_kind(func._overloadpacket.__name__)
     if kind is None:
         return None
     inputs = _input_tensors([*args, *kwargs.values()])
@@ -265,10 +268,10 @@ _ACTIVE: list[_LiveBytesMode] = []
 def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Stand-in for SDPA with the memory of flash/mem-efficient kernels: output + fp32 logsumexp, no L*S scores."""
     out_shape = (*query.shape[:-1], value.shape[-1])
-    out = query.new_empty(out_shape)
-    query.new_empty(query.shape[:-1], dtype=torch.float32)  # logsumexp, freed at once as in the kernel
     batch_heads = query.numel() // (query.shape[-1] * query.shape[-2])
     flops = 4.0 * batch_heads * query.shape[-2] * key.shape[-2] * query.shape[-1]
+    out = query.new_empty(out_shape)
+    query.new_empty(query.shape[:-1], dtype=torch.float32)  # logsumexp, freed at once as in the kernel
     if _ACTIVE:
         _ACTIVE[-1].add_flops(flops)
         n_bytes = _nbytes((query, key, value, out))  # flash reads q, k, v once and writes the output

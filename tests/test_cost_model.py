@@ -602,22 +602,25 @@ def _measured(**kw) -> cal.Measurements:
 def test_spec_from_measurements_keeps_the_datasheet_peak_of_a_known_card():
     spec = cal.spec_from_measurements(_measured(), "my-4090")
     table = GPUS["rtx-4090"]
-    # mix: 20% of FLOPs at 100 TFLOP/s, 80% at 150: 1 / (0.2/100 + 0.8/150) = 136.36 TFLOP/s; / 165.2 peak
-    assert spec.compute_efficiency == pytest.approx(1 / (0.2 / 100e12 + 0.8 / 150e12) / 165.2e12)
+    # GEMM 150 TFLOP/s and attention 100 TFLOP/s against the 165.2 datasheet peak
+    assert spec.compute_efficiency == pytest.approx(150e12 / 165.2e12)
+    assert spec.attention_efficiency == pytest.approx(100e12 / 165.2e12) and spec.mem_efficiency == 1.0
     assert (spec.bf16_flops, spec.pcie_gen, spec.fp8) == (table.bf16_flops, table.pcie_gen, table.fp8)
     assert (spec.name, spec.vram_bytes, spec.context_bytes) == ("my-4090", 25_393_692_672, 500 * 2**20)
     assert (spec.h2d_pinned_bytes_per_s, spec.h2d_pageable_bytes_per_s, spec.d2h_bytes_per_s,
             spec.mem_bytes_per_s) == (24e9, 11e9, 9e9, 900e9)
     assert spec.calibrated and spec.source == "calibrate() on NVIDIA GeForce RTX 4090"
-    # figures nothing measures keep their stated defaults
-    assert (spec.reserved_over_allocated, spec.sync_s) == (table.reserved_over_allocated, table.sync_s)
+    # figures nothing measures keep the table's (fitted) values
+    assert (spec.reserved_over_allocated, spec.sync_s, spec.conv_efficiency) == (
+        table.reserved_over_allocated, table.sync_s, table.conv_efficiency)
+    assert spec.fitted_from == ()
 
 
 def test_spec_from_measurements_of_an_unknown_card_uses_the_measured_peak(tmp_path):
     spec = cal.spec_from_measurements(_measured(device_name="NVIDIA RTX PRO 4500 Blackwell",
                                                 total_bytes=51_000_000_000, h2d_pinned_bytes_per_s=26e9), "ws")
     assert spec.bf16_flops == 150e12  # the measured GEMM rate is the peak
-    assert spec.compute_efficiency == pytest.approx(1 / (0.2 / 100e12 + 0.8 / 150e12) / 150e12)
+    assert spec.compute_efficiency == 1.0 and spec.attention_efficiency == pytest.approx(100 / 150)
     assert spec.pcie_gen == 4 and spec.fp8  # 26 GB/s pinned: a Gen4 x16 link; fp8 from compute capability
     save_spec(spec, tmp_path / "ws.json")
     assert get_gpu(tmp_path / "ws.json") == spec
