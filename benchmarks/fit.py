@@ -209,13 +209,13 @@ def fit_all(rows: list[dict], loo: bool = True) -> dict:
         constants = {n: getattr(fitted, n) for n in names if n != "h2d_pageable_fraction"}
         if "h2d_pageable_fraction" in names:
             constants["h2d_pageable_bytes_per_s"] = fitted.h2d_pageable_bytes_per_s
-        gpus[gpu] = {"constants": constants, "rows": [r["id"] for r in gpu_rows]}
+        gpus[gpu] = {"constants": constants, "fitted": sorted(constants), "rows": [r["id"] for r in gpu_rows]}
         report += [{"row": c.row, "gpu": gpu, "quantity": c.quantity, "category": c.category,
                     "published": c.published, "predicted": c.predicted, "error": c.error,
                     "loo_error": loo_err.get((c.row, c.quantity))} for c in comps]
     default = {n: statistics.median(g["constants"][n] for g in gpus.values() if n in g["constants"])
                for n in PORTABLE if any(n in g["constants"] for g in gpus.values())}
-    for g in gpus.values():  # constants no row of that GPU moves: the default, said so by their absence from rows
+    for g in gpus.values():  # constants no row of that GPU moves take the default; "fitted" names the others
         g["constants"] = {**default, **g["constants"]}
     datasheet = {n: {"fp32_flops": v} for n, v in DATASHEET_FP32_FLOPS.items()}
     return {"format": 1, "note": "written by python -m benchmarks.fit; see its docstring", "datasheet": datasheet,
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['row']} | {r['gpu']} | {r['quantity']} | {r['published']:.4g} | {r['predicted']:.4g} | "
               f"{100 * r['error']:+.1f}% | {loo} |")
     for gpu, g in data["gpus"].items():
-        print(f"\n{gpu} (from {len(g['rows'])} rows): " + ", ".join(f"{k}={v:.4g}" for k, v in g["constants"].items()))
+        print(f"\n{gpu} (from {len(g['rows'])} rows; * = fitted, else the default): "
+              + ", ".join(f"{k}{'*' if k in g['fitted'] else ''}={v:.4g}" for k, v in g["constants"].items()))
     print(f"\ndefault for GPUs without rows (median of {', '.join(data['default']['from'])}): "
           + ", ".join(f"{k}={v:.4g}" for k, v in data["default"]["constants"].items()))
     print(f"\nin sample: {_summary(data['errors'], 'error')}")

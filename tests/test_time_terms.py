@@ -96,3 +96,27 @@ def test_gpus_and_pricing_a_saved_profile_never_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert got.returncode == 0, got.stderr
+
+
+def test_the_search_fast_path_prices_random_plans_as_estimate_does():
+    """search._terms (the polish's per-component terms) and estimate() agree on random plans of every mode."""
+    import random
+
+    from cost_models import card_bytes, estimate
+    from planner.search import _terms
+    from planner.space import SearchSpace, enumerate_component, enumerate_vae
+    from planner.strategy import Choice
+    from test_cost_model import HW as HAND, synthetic
+
+    prof, space, rng = synthetic(), SearchSpace(), random.Random(0)
+    for mode in space.modes():
+        options = {n: enumerate_component(n, c, mode, space) for n, c in prof.components.items()}
+        for _ in range(40):
+            tiling, slicing = rng.choice(enumerate_vae(prof, space))
+            choice = Choice({n: rng.choice(opts) for n, opts in options.items()}, tiling, slicing)
+            terms = [_terms(prof.components[n], p, choice, HAND) for n, p in choice.components.items()]
+            est = estimate(prof, choice, HAND)
+            assert sum(t.seconds for t in terms) == pytest.approx(est.total_s, rel=1e-12)
+            peak = sum(t.resident for t in terms) + max(t.excess for t in terms)
+            assert card_bytes(peak, HAND) == est.card_peak_bytes
+            assert sum(t.held for t in terms) + max(t.extra for t in terms) == est.host_ram_bytes
