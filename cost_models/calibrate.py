@@ -2,13 +2,15 @@
 
 What is measured, and which HardwareSpec field it sets:
     H2D pinned / pageable, D2H     256 MiB copies, best of REPEATS   h2d_pinned/pageable_bytes_per_s, d2h_bytes_per_s
-    device memory                  256 MiB device-to-device copy      mem_bytes_per_s (read + write)
-    dense bf16 GEMM                8192^3 matmul                      bf16_flops (only for a card not in the table)
-    attention                      scaled_dot_product_attention      compute_efficiency (with the GEMM rate)
+    pinning                        pin_memory() of 256 MiB            pin_bytes_per_s
+    device memory                  256 MiB device-to-device copy      mem_bytes_per_s (read + write), mem_efficiency=1
+    dense bf16 GEMM                8192^3 matmul                      compute_efficiency (bf16_flops for an unknown card)
+    attention                      scaled_dot_product_attention      attention_efficiency
+    launch floor                   LAUNCHES tiny adds, back to back   launch_s
     CUDA context + library state   mem_get_info - memory_reserved     context_bytes
     card memory                    get_device_properties             vram_bytes
 The table entry of the same card (matched by device name) supplies what is not measured: the datasheet bf16
-peak, the PCIe generation, fp8 support. Nothing here runs on import; only calibrate() touches the GPU.
+peak, the PCIe generation, fp8 support, and its fitted constants (conv efficiency, offload overheads). Nothing here runs on import; only calibrate() touches the GPU.
 """
 
 from __future__ import annotations
@@ -33,10 +35,7 @@ MATMUL_N = 8192
 # Flux-dev at 1024x1024: 24 heads of 128 dims over 4096 image + 512 text tokens.
 ATTENTION_SHAPE = (1, 24, 4608, 128)  # batch, heads, tokens, head dim
 WARMUP, REPEATS = 2, 5
-# Share of a diffusion transformer's FLOPs spent in attention (QK^T and PV) rather than in GEMMs. Flux-dev at
-# 1024x1024 spends ~0.26 TFLOP per block in attention against ~1.3-1.6 TFLOP in its linear layers: about 1/6;
-# 0.2 leaves room for longer sequences (video), where attention grows quadratically.
-ATTENTION_FLOP_FRACTION = 0.2
+LAUNCHES = 1000
 # For a card not in the table: the PCIe generation guessed from the measured pinned H2D rate (bytes/s), against
 # the realistic rates of hardware._PINNED_BY_LINK (Gen3 x16 ~12, Gen4 x16 ~25, Gen5 x16 ~50 GB/s).
 PCIE_GEN_BY_PINNED_RATE = ((40e9, 5), (18e9, 4), (0.0, 3))
@@ -58,13 +57,8 @@ class Measurements:
     attention_flops: float
     context_bytes: int
     fp8_capable: bool
-
-    @property
-    def mix_flops(self) -> float:
-        """Rate of a call doing ATTENTION_FLOP_FRACTION of its FLOPs in attention and the rest in GEMMs
-        (times add up, so rates combine harmonically)."""
-        f = ATTENTION_FLOP_FRACTION
-        return 1.0 / (f / self.attention_flops + (1 - f) / self.matmul_flops)
+    launch_s: float | None = None  # one tiny kernel launched from Python, back to back
+    pin_bytes_per_s: float | None = None  # tensor.pin_memory() of a pageable tensor
 
 
 # ---------------------------------------------------------------- pure: table lookup and spec
@@ -81,21 +75,29 @@ def _pcie_gen_guess(pinned_bytes_per_s: float) -> int:
 
 
 def spec_from_measurements(m: Measurements, name: str) -> HardwareSpec:
-    """A calibrated HardwareSpec: measured figures where measured, the table entry's (or a guess) elsewhere.
+    """A calibrated HardwareSpec: measured figures where measured, the table entry's elsewhere (its datasheet
+    figures and its fitted constants, see cost_models/fitted.json), or a guess for a card not in the table.
 
-    compute_efficiency = attention+GEMM mix rate / bf16 peak, where the peak is the datasheet figure for a card
-    in the table and the measured GEMM rate otherwise. It leaves out norms, activations and small GEMMs, so it
-    is an upper bound on what a denoiser reaches; capped at 1 for cards running above their datasheet."""
+    compute_efficiency = GEMM rate / bf16 peak and attention_efficiency = attention rate / bf16 peak, where the
+    peak is the datasheet figure for a card in the table and the measured GEMM rate otherwise (capped at 1 for
+    cards running above their datasheet). mem_bytes_per_s is the measured device copy rate, which is already an
+    achieved rate: mem_efficiency becomes 1. Measured seconds take precedence over fitted ones."""
     table = table_entry(m.device_name, m.total_bytes)
     peak = table.bf16_flops if table else m.matmul_flops
-    return HardwareSpec(
+    measured = dict(
         name=name, vram_bytes=m.total_bytes, bf16_flops=peak, mem_bytes_per_s=m.mem_bytes_per_s,
         pcie_gen=table.pcie_gen if table else _pcie_gen_guess(m.h2d_pinned_bytes_per_s),
         h2d_pinned_bytes_per_s=m.h2d_pinned_bytes_per_s, h2d_pageable_bytes_per_s=m.h2d_pageable_bytes_per_s,
         d2h_bytes_per_s=m.d2h_bytes_per_s, fp8=table.fp8 if table else m.fp8_capable,
-        source=f"calibrate() on {m.device_name}", compute_efficiency=min(1.0, m.mix_flops / peak),
-        context_bytes=m.context_bytes, calibrated=True,
+        source=f"calibrate() on {m.device_name}", compute_efficiency=min(1.0, m.matmul_flops / peak),
+        attention_efficiency=min(1.0, m.attention_flops / peak), mem_efficiency=1.0,
+        context_bytes=m.context_bytes, calibrated=True, fitted_from=(),
     )
+    if m.launch_s is not None:
+        measured["launch_s"] = m.launch_s
+    if m.pin_bytes_per_s is not None:
+        measured["pin_bytes_per_s"] = m.pin_bytes_per_s
+    return dataclasses.replace(table, **measured) if table else HardwareSpec(**measured)
 
 
 # ---------------------------------------------------------------- CUDA: the measurements
@@ -148,6 +150,25 @@ def _copy_rates(dev: torch.device) -> dict[str, float]:
     return rates
 
 
+def _pin_rate(dev: torch.device) -> float:
+    """pin_memory() of a written pageable tensor: what low_cpu_mem_usage pays on every onload (host work)."""
+    import time
+
+    pageable = torch.ones(COPY_BYTES, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(WARMUP + REPEATS):
+        start = time.perf_counter()
+        pageable.pin_memory()
+        best = min(best, time.perf_counter() - start)
+    return COPY_BYTES / best
+
+
+def _launch_s(dev: torch.device) -> float:
+    """Seconds per launch of a tiny kernel issued from Python back to back: the eager-mode floor."""
+    x = torch.zeros(16, device=dev)
+    return _best_s(lambda: [x.add_(1) for _ in range(LAUNCHES)], dev) / LAUNCHES
+
+
 def _matmul_flops(dev: torch.device) -> float:
     a = torch.randn(MATMUL_N, MATMUL_N, device=dev, dtype=torch.bfloat16)
     b = torch.randn_like(a)
@@ -175,10 +196,12 @@ def measure(device: str | torch.device = "cuda") -> Measurements:
     with torch.cuda.device(dev):
         copies = _copy_rates(dev)
         matmul, attention = _matmul_flops(dev), _attention_flops(dev)
+        launch, pin = _launch_s(dev), _pin_rate(dev)
         context = _context_bytes(dev)
     props = torch.cuda.get_device_properties(dev)
     m = Measurements(device_name=torch.cuda.get_device_name(dev), total_bytes=props.total_memory, **copies,
-                     matmul_flops=matmul, attention_flops=attention, context_bytes=context,
+                     matmul_flops=matmul, attention_flops=attention, context_bytes=context, launch_s=launch,
+                     pin_bytes_per_s=pin,
                      fp8_capable=(props.major, props.minor) >= FP8_COMPUTE_CAPABILITY)
     logger.info("measured %s: %s", m.device_name, {k: f"{v:.4g}" for k, v in dataclasses.asdict(m).items()
                                                      if isinstance(v, float)})

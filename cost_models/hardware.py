@@ -44,9 +44,18 @@ class HardwareSpec:
     d2h_bytes_per_s: float
     fp8: bool
     source: str
-    # Fraction of peak bf16 a diffusion denoiser reaches end to end (attention, norms and small GEMMs
-    # pull it well below GEMM peak). Not fitted, until calibrate() runs.
-    compute_efficiency: float = 0.45
+    # --- constants no datasheet gives: defaults below, replaced per GPU by cost_models/fitted.json (fitted on
+    # published measurements by `python -m benchmarks.fit`, with the row ids) or by calibrate() on the card.
+    # Fractions of the dtype's peak FLOP/s that each kernel family reaches (roofline compute): cuBLAS GEMMs,
+    # flash / memory-efficient attention, cuDNN convolutions (VAEs in NCHW reach far less than GEMMs).
+    compute_efficiency: float = 0.6
+    attention_efficiency: float = 0.4
+    conv_efficiency: float = 0.3
+    # Fraction of the datasheet memory bandwidth that memory-bound kernels (elementwise, norms, copies) reach.
+    mem_efficiency: float = 0.7
+    # Floor of one kernel launch in eager PyTorch: the CPU-side dispatch (Python, ATen, CUDA launch) that a
+    # kernel shorter than it cannot hide. 5-20 us on current CPUs.
+    launch_s: float = 10e-6
     # Memory the torch caching allocator never sees: the CUDA context itself, loaded kernel images
     # (torch + cuBLAS + cuDNN fatbins, fewer with lazy module loading) and the libraries' handle state.
     # nvidia-smi minus torch.cuda.memory_reserved() is typically 300-600 MiB on recent drivers;
@@ -57,10 +66,26 @@ class HardwareSpec:
     # and split blocks leave free tails that later, larger tensors cannot use (fragmentation).
     # Inference runs usually land at 1.05-1.2.
     reserved_over_allocated: float = 1.10
-    # Per offload group: a few kernel launches plus an event/stream wait, each some microseconds.
+    # One diffusers offload group's onload beyond bytes / bandwidth, per group per call: the hook's Python,
+    # one `.to()` per tensor, and the stream / event synchronisations around it.
     sync_s: float = 30e-6
-    # offload_to_disk reads: a mid-range NVMe through the filesystem and safetensors, not its peak.
+    # One accelerate AlignDevicesHook move (sequential CPU offload), per module with weights per call:
+    # set_module_tensor_to_device per tensor, in Python.
+    module_hook_s: float = 200e-6
+    # Pinning on each onload (low_cpu_mem_usage=True, and disk offload with streams): tensor.pin_memory(), a
+    # host copy into page-locked memory, on the CPU thread before the copy is issued.
+    pin_bytes_per_s: float = 5e9
+    # offload_to_disk reads of files the OS page cache holds (every call after the first, when host RAM holds
+    # the files): safetensors' load_file, a host memcpy.
+    page_cache_bytes_per_s: float = 10e9
+    # offload_to_disk reads from the disk itself (cold page cache): a mid-range NVMe through the filesystem.
     disk_read_bytes_per_s: float = 2e9
+    # Dense fp32 FLOP/s on CUDA cores (fp32 matmuls and attention; torch leaves TF32 off for matmuls). None:
+    # half the bf16 figure, which is the GeForce datasheet ratio (RTX 3090/4090/5090); data-centre cards differ
+    # and get their datasheet figure from cost_models/fitted.json.
+    fp32_flops: float | None = None
+    # calibration rows the fitted constants of this spec came from (empty: defaults or calibrate())
+    fitted_from: tuple[str, ...] = ()
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -70,9 +95,14 @@ class HardwareSpec:
         bad = [f for f in positive if not getattr(self, f) > 0]
         if bad:
             raise HardwareError(f"HardwareSpec {self.name!r}: {', '.join(bad)} must be > 0")
-        if not 0 < self.compute_efficiency <= 1:
-            raise HardwareError(f"HardwareSpec {self.name!r}: compute_efficiency must be in (0, 1], "
-                                f"got {self.compute_efficiency}")
+        for frac in ("compute_efficiency", "attention_efficiency", "conv_efficiency", "mem_efficiency"):
+            if not 0 < getattr(self, frac) <= 1:
+                raise HardwareError(f"HardwareSpec {self.name!r}: {frac} must be in (0, 1], got {getattr(self, frac)}")
+        rates = ("launch_s", "sync_s", "module_hook_s", "pin_bytes_per_s", "page_cache_bytes_per_s")
+        bad = [f for f in rates if not getattr(self, f) >= 0] + (
+            ["fp32_flops"] if self.fp32_flops is not None and not self.fp32_flops > 0 else [])
+        if bad:
+            raise HardwareError(f"HardwareSpec {self.name!r}: {', '.join(bad)} must be >= 0 (fp32_flops > 0 or null)")
         if self.reserved_over_allocated < 1:
             raise HardwareError(f"HardwareSpec {self.name!r}: reserved_over_allocated must be >= 1, "
                                 f"got {self.reserved_over_allocated}")
@@ -87,10 +117,16 @@ class HardwareSpec:
         """Build a spec from `to_dict()` output. Unknown keys, missing required keys and values of the wrong type
         are errors naming `where`; defaulted fields may be left out and take their stated defaults."""
         check_fields(where, data, cls, HardwareError)
+        if "fitted_from" in data:  # a JSON list; the spec is frozen, so a tuple
+            data = {**data, "fitted_from": tuple(data["fitted_from"])}
         try:
             return cls(**data)
         except HardwareError as err:
             raise HardwareError(f"{where}: {err}") from err
+
+    @property
+    def fp32_peak_flops(self) -> float:
+        return self.fp32_flops if self.fp32_flops is not None else self.bf16_flops / 2
 
 
 # Realistic pinned host->device copy rates (bandwidthTest-style), well below the raw link rate because of
@@ -275,3 +311,31 @@ def get_gpu(spec: str | os.PathLike | HardwareSpec | None) -> HardwareSpec:
 def save_spec(spec: HardwareSpec, path: str | os.PathLike) -> None:
     """Write `spec` as JSON that get_gpu(path) reads back."""
     Path(path).write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- fitted constants overlay
+
+FITTED_PATH = Path(__file__).with_name("fitted.json")
+
+
+def with_fitted(specs: dict[str, HardwareSpec], path: Path = FITTED_PATH) -> dict[str, HardwareSpec]:
+    """The table with the constants of `path` (written by `python -m benchmarks.fit`) laid over it.
+
+    Per GPU: `datasheet` figures no table column holds (fp32 FLOP/s), then `gpus[name].constants` fitted on the
+    published rows `gpus[name].rows`; a GPU without rows gets `default.constants` (what does not depend on the
+    card: kernel efficiencies, launch and hook costs, taken from the fitted GPUs) and keeps its datasheet-derived
+    link rates. Entries are left as they are when the file is missing."""
+    if not path.is_file():
+        return dict(specs)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    out = {}
+    for name, spec in specs.items():
+        fitted = data.get("gpus", {}).get(name)
+        constants = {**data.get("datasheet", {}).get(name, {}),
+                     **(fitted or data.get("default", {"constants": {}}))["constants"]}
+        out[name] = dataclasses.replace(spec, **constants, fitted_from=tuple(fitted["rows"]) if fitted else ())
+    return out
+
+
+DATASHEET_GPUS: dict[str, HardwareSpec] = dict(GPUS)  # the table alone, before fitted constants
+GPUS = with_fitted(DATASHEET_GPUS)

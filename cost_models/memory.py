@@ -99,8 +99,17 @@ def in_call_weight_bytes(comp: ComponentProfile, plan: ComponentPlan) -> int:
         weights = unmatched + kept_bytes(comp, plan) + groups_in_flight(plan) * _largest_group_bytes(comp, plan)
     else:  # leaf_level: one leaf (+ prefetched ones) at a time
         weights = groups_in_flight(plan) * _largest_group_bytes(comp, plan)
-    upcast = comp.largest_fp8_leaf_bytes if plan.fp8 else 0  # the layer being computed, cast up
-    return min(weights, stored_bytes(comp, plan)) + upcast
+    weights = min(weights, stored_bytes(comp, plan))
+    fp8_upcast = comp.largest_fp8_leaf_bytes if plan.fp8 else 0  # the layer being computed, cast up
+    return weights + fp8_upcast + _pipeline_upcast_bytes(comp, plan, weights)
+
+
+def _pipeline_upcast_bytes(comp: ComponentProfile, plan: ComponentPlan, weights: int) -> int:
+    """A component the pipeline runs upcast (SDXL's fp16 VAE decoding in fp32): the weights on the device while
+    it runs are the fp32 copies, upcast_weight_bytes more for the whole component, pro rata for a part of it."""
+    if not comp.upcast_weight_bytes:
+        return 0
+    return int(comp.upcast_weight_bytes * weights / max(stored_bytes(comp, plan), 1))
 
 
 def activation_bytes(comp: ComponentProfile, choice: Choice) -> int:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from planner.workload import Workload
 
-# 8: per-call records from discovery (issue 10) and blocks/block lists by FQN as planner.grouping lays them out
-PROFILE_VERSION = 8
+# 9: per-call records from discovery (issue 10), blocks/block lists by FQN as planner.grouping lays them out,
+# the VAE upcast bytes and load-time shard sizes
+PROFILE_VERSION = 9
 CALL_PHASES = ("encode", "denoise", "decode")  # before, inside and after the denoising loop
 
 
@@ -106,6 +107,10 @@ class ComponentProfile:
     def load_peak_bytes(self) -> int | None:
         """Host RAM while from_pretrained loads this component: its weights + the shard being read (a bound)."""
         return None if self.largest_shard_bytes is None else self.total_bytes + self.largest_shard_bytes
+
+    # extra weight bytes on the device while the pipeline runs the component upcast (SDXL decodes its fp16 VAE
+    # in fp32 when the VAE's config says force_upcast: the fp32 copy is twice the fp16 bytes)
+    upcast_weight_bytes: int = 0
 
     @property
     def param_bytes(self) -> int:

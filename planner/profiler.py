@@ -134,6 +134,17 @@ def tied_weights_split(module: torch.nn.Module, offload_type: str | None) -> lis
     return None
 
 
+def _upcast_weight_bytes(module: torch.nn.Module, calls: list[RecordedCall]) -> int:
+    """Extra weight bytes while the pipeline runs the component in a wider dtype than it stores (SDXL moves its
+    fp16 VAE to fp32 for the decode, `force_upcast`): the widest cast any recorded call ran under."""
+    widths = [torch.empty((), dtype=c.cast).element_size() for c in calls if c.cast is not None and c.cast.is_floating_point]
+    if not widths:
+        return 0
+    wide = max(widths)
+    return sum(p.numel() * (wide - p.element_size()) for p in module.parameters()
+               if p.is_floating_point() and p.element_size() < wide)
+
+
 def _call_profile(call: RecordedCall, trace: CallTrace | None = None, variant: str = "") -> CallProfile:
     trace = trace or call.trace
     ops = tuple(OpStat(kind, dtype, count, flops, nbytes)
@@ -282,6 +293,7 @@ def profile_component(name: str, module: torch.nn.Module, calls: list[RecordedCa
     if untraced is not None:
         summary["role"] = "untraced"
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
+    tiled = extra.pop("tiled_trace", None)
     return ComponentProfile(
         name=name, class_name=type(module).__name__, config_hash=config_hash(module),
         param_bytes_by_dtype=_bytes_by_dtype(module), buffer_bytes=_tensor_bytes(module.buffers()),
@@ -290,7 +302,7 @@ def profile_component(name: str, module: torch.nn.Module, calls: list[RecordedCa
         activations_known=untraced is None, supports_tiling=hasattr(module, "enable_tiling"),
         supports_slicing=hasattr(module, "enable_slicing"), supports_layerwise_casting=layerwise_casting_works(module),
         disk_unsafe_offload_types=tuple(t for t in ("block_level", "leaf_level") if tied_weights_split(module, t)),
-        calls=profiles, **{**summary, **measured},
+        calls=profiles, upcast_weight_bytes=_upcast_weight_bytes(module, calls), **{**summary, **measured},
     )
 
 

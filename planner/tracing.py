@@ -260,6 +260,9 @@ class _LiveBytesMode(TorchDispatchMode):
         formula = flop_registry.get(func._overloadpacket)
         return float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
 
+    def add_op(self, op: tuple[str, str, float, int]) -> None:
+        self.trace.ops[op] = self.trace.ops.get(op, 0) + 1
+
     def add_flops(self, flops: float) -> None:
         self.trace.flops += flops
         block = self.where()
@@ -272,10 +275,10 @@ _ACTIVE: list[_LiveBytesMode] = []
 def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Stand-in for SDPA with the memory of flash/mem-efficient kernels: output + fp32 logsumexp, no L*S scores."""
     out_shape = (*query.shape[:-1], value.shape[-1])
-    out = query.new_empty(out_shape)
-    query.new_empty(query.shape[:-1], dtype=torch.float32)  # logsumexp, freed at once as in the kernel
     batch_heads = query.numel() // (query.shape[-1] * query.shape[-2])
     flops = 4.0 * batch_heads * query.shape[-2] * key.shape[-2] * query.shape[-1]
+    out = query.new_empty(out_shape)
+    query.new_empty(query.shape[:-1], dtype=torch.float32)  # logsumexp, freed at once as in the kernel
     if _ACTIVE:
         _ACTIVE[-1].add_flops(flops)
         dtype = str(query.dtype).removeprefix("torch.")

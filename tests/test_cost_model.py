@@ -87,7 +87,8 @@ def synthetic(**transformer_overrides) -> Profile:
 HW = HardwareSpec(name="hand-made", vram_bytes=24 * 2**30, bf16_flops=100e12, mem_bytes_per_s=1e12, pcie_gen=4,
                   h2d_pinned_bytes_per_s=20e9, h2d_pageable_bytes_per_s=10e9, d2h_bytes_per_s=25e9, fp8=True,
                   source="test", compute_efficiency=0.5, context_bytes=0, reserved_over_allocated=1.0,
-                  sync_s=1e-3, disk_read_bytes_per_s=2e9)
+                  sync_s=1e-3, disk_read_bytes_per_s=2e9, mem_efficiency=1.0, launch_s=0.0, module_hook_s=3e-3,
+                  pin_bytes_per_s=5e9, page_cache_bytes_per_s=2e9)
 
 
 def block(n: int = 1, **kw) -> ComponentPlan:
@@ -285,22 +286,23 @@ def test_model_offload_pays_its_transfers_once_per_run():
 
 
 def test_sequential_offload_moves_everything_every_call():
-    # per call: 0.15 compute + 410 MB pageable 0.041 + 50 leaves x 3 hook syncs x 1 ms = 0.341; x 4 calls
+    # per call: 0.15 compute + 410 MB pageable 0.041 + 50 leaves x 3 ms accelerate hook = 0.341; x 4 calls
     assert seconds(every(ComponentPlan(SEQUENTIAL_OFFLOAD)))["denoise"] == pytest.approx(4 * 0.341)
 
 
 def test_block_level_without_streams_pays_every_group_every_call():
     # unmatched 30 MB in + out: 30 x (1e-4 + 4e-5) = 0.0042, + its compute 0.01
-    # blocks: 380 MB in + out = 380 x 1.4e-4 = 0.0532; compute 2 x 0.04 + 3 x 0.02 = 0.14; 5 groups x 1 ms
-    per_call = 0.0042 + 0.01 + 0.0532 + 0.14 + 0.005  # = 0.2124
+    # blocks: 380 MB in + out = 380 x 1.4e-4 = 0.0532; compute 2 x 0.04 + 3 x 0.02 = 0.14; 6 groups x 1 ms
+    per_call = 0.0042 + 0.01 + 0.0532 + 0.14 + 0.006  # = 0.2134
     assert seconds(choice(block(1)))["denoise"] == pytest.approx(4 * per_call)
     assert seconds(choice(block(1)), synthetic(calls_per_run=8))["denoise"] == pytest.approx(8 * per_call)
 
 
 def test_block_level_streams_hide_transfers_behind_compute():
-    # pinned: blocks in 100 MB -> 0.005, 60 MB -> 0.003. T = h2d(g0) + sum_g max(compute(g), h2d(g+1)):
-    # 0.005 + max(.04,.005) + max(.04,.003) + max(.02,.003) + max(.02,.003) + max(.02, 0) = 0.005 + 0.14
-    per_call = 0.0142 + 0.005 + 0.14 + 0.005  # head (unmatched, synchronous) + above + 5 syncs
+    # pinned: blocks in 100 MB -> 0.005, 60 MB -> 0.003. T = h2d(g0) + sum_g [sync + max(compute(g), h2d(g+1))]:
+    # 0.005 + max(.04,.005) + max(.04,.003) + max(.02,.003) + max(.02,.003) + max(.02, 0) = 0.005 + 0.14, + 5 syncs
+    # head: the unmatched group has no stream: 30 MB pageable in + out 0.0042 + its compute 0.01 + its sync 0.001
+    per_call = 0.0152 + 0.005 + 0.14 + 0.005
     assert seconds(choice(block(1, use_stream=True)))["denoise"] == pytest.approx(4 * per_call)
 
 
@@ -308,29 +310,31 @@ def test_block_level_streams_on_a_slow_link_are_transfer_bound():
     # pinned 1 GB/s: blocks in 0.1, 0.1, 0.06, 0.06, 0.06 s; 0.1 + max(.04,.1) + max(.04,.06) + max(.02,.06)
     # + max(.02,.06) + max(.02,0) = 0.1 + 0.1 + 0.06 + 0.06 + 0.06 + 0.02 = 0.4
     slow = dataclasses.replace(HW, h2d_pinned_bytes_per_s=1e9)
-    per_call = 0.0142 + 0.4 + 0.005
+    per_call = 0.0152 + 0.4 + 0.005
     assert seconds(choice(block(1, use_stream=True)), hw=slow)["denoise"] == pytest.approx(4 * per_call)
 
 
 def test_leaf_level_seconds():
     # no streams: 0.15 + 410 MB in 0.041 + out 0.0164 + 50 leaves x 1 ms = 0.2574 per call
     assert seconds(choice(leaf()))["denoise"] == pytest.approx(4 * 0.2574)
-    # streams: max(0.15, 410 MB pinned 0.0205) + 0.05 = 0.2 per call
-    assert seconds(choice(leaf(use_stream=True)))["denoise"] == pytest.approx(4 * 0.2)
+    # streams: the first leaf (410 / 50 MB pinned) 0.00041 synchronous, then max(0.15, 410 MB pinned 0.0205)
+    # + 50 leaves x 1 ms = 0.20041 per call
+    assert seconds(choice(leaf(use_stream=True)))["denoise"] == pytest.approx(4 * 0.20041)
 
 
 def test_fp8_cast_costs_memory_traffic_every_call():
     # 158 MB saved x 6 bytes of traffic per saved byte (upcast 1 + 2, downcast 2 + 1) at 1 TB/s = 0.000948 s
     assert seconds(choice(ComponentPlan(storage_dtype=FP8)))["denoise"] == pytest.approx(4 * (0.15 + 0.000948))
     # with block_level, the moved bytes are the stored fp8 ones: groups 60 + 60 + 36 x 3 = 228 MB, unmatched 24
-    # 24 x 1.4e-4 + 0.01 + 228 x 1.4e-4 + 0.14 + 0.005 + 0.000948 = 0.191228
-    assert seconds(choice(block(1, storage_dtype=FP8)))["denoise"] == pytest.approx(4 * 0.191228)
+    # 24 x 1.4e-4 + 0.01 + 228 x 1.4e-4 + 0.14 + 6 syncs 0.006 + 0.000948 = 0.192228
+    assert seconds(choice(block(1, storage_dtype=FP8)))["denoise"] == pytest.approx(4 * 0.192228)
 
 
 def test_disk_offload_reads_every_group_and_writes_nothing_back():
-    # each group (unmatched included) is read from disk and copied in: 1 MB = 5e-4 + 1e-4 = 6e-4 s; dropping a
-    # group copies nothing. unmatched 30 x 6e-4 = 0.018 + compute 0.01; blocks 380 x 6e-4 = 0.228 + 0.14; + 0.005
-    assert seconds(choice(block(1, offload_to_disk=True)))["denoise"] == pytest.approx(4 * 0.401)
+    # each group (unmatched included) is read (page cache, 2 GB/s) and copied in: 1 MB = 5e-4 + 1e-4 = 6e-4 s;
+    # dropping a group copies nothing. unmatched 30 x 6e-4 = 0.018 + compute 0.01; blocks 380 x 6e-4 = 0.228
+    # + 0.14; + 6 syncs 0.006
+    assert seconds(choice(block(1, offload_to_disk=True)))["denoise"] == pytest.approx(4 * 0.402)
 
 
 def test_vae_tiling_prices_the_tiled_flops():
@@ -599,22 +603,25 @@ def _measured(**kw) -> cal.Measurements:
 def test_spec_from_measurements_keeps_the_datasheet_peak_of_a_known_card():
     spec = cal.spec_from_measurements(_measured(), "my-4090")
     table = GPUS["rtx-4090"]
-    # mix: 20% of FLOPs at 100 TFLOP/s, 80% at 150: 1 / (0.2/100 + 0.8/150) = 136.36 TFLOP/s; / 165.2 peak
-    assert spec.compute_efficiency == pytest.approx(1 / (0.2 / 100e12 + 0.8 / 150e12) / 165.2e12)
+    # GEMM 150 TFLOP/s and attention 100 TFLOP/s against the 165.2 datasheet peak
+    assert spec.compute_efficiency == pytest.approx(150e12 / 165.2e12)
+    assert spec.attention_efficiency == pytest.approx(100e12 / 165.2e12) and spec.mem_efficiency == 1.0
     assert (spec.bf16_flops, spec.pcie_gen, spec.fp8) == (table.bf16_flops, table.pcie_gen, table.fp8)
     assert (spec.name, spec.vram_bytes, spec.context_bytes) == ("my-4090", 25_393_692_672, 500 * 2**20)
     assert (spec.h2d_pinned_bytes_per_s, spec.h2d_pageable_bytes_per_s, spec.d2h_bytes_per_s,
             spec.mem_bytes_per_s) == (24e9, 11e9, 9e9, 900e9)
     assert spec.calibrated and spec.source == "calibrate() on NVIDIA GeForce RTX 4090"
-    # figures nothing measures keep their stated defaults
-    assert (spec.reserved_over_allocated, spec.sync_s) == (table.reserved_over_allocated, table.sync_s)
+    # figures nothing measures keep the table's (fitted) values
+    assert (spec.reserved_over_allocated, spec.sync_s, spec.conv_efficiency) == (
+        table.reserved_over_allocated, table.sync_s, table.conv_efficiency)
+    assert spec.fitted_from == ()
 
 
 def test_spec_from_measurements_of_an_unknown_card_uses_the_measured_peak(tmp_path):
     spec = cal.spec_from_measurements(_measured(device_name="NVIDIA RTX PRO 4500 Blackwell",
                                                 total_bytes=51_000_000_000, h2d_pinned_bytes_per_s=26e9), "ws")
     assert spec.bf16_flops == 150e12  # the measured GEMM rate is the peak
-    assert spec.compute_efficiency == pytest.approx(1 / (0.2 / 100e12 + 0.8 / 150e12) / 150e12)
+    assert spec.compute_efficiency == 1.0 and spec.attention_efficiency == pytest.approx(100 / 150)
     assert spec.pcie_gen == 4 and spec.fp8  # 26 GB/s pinned: a Gen4 x16 link; fp8 from compute capability
     save_spec(spec, tmp_path / "ws.json")
     assert get_gpu(tmp_path / "ws.json") == spec
@@ -645,8 +652,8 @@ def test_partial_residency_keeps_the_named_blocks_on_the_device():
     # host RAM: only the offloaded part of the transformer, 410 - 200 = 210 MB
     assert estimate(synthetic(), kept, HW).host_ram_bytes == 210 * MB
     # per call: unmatched in + out 0.0042; compute outside the groups 0.15 - 3 x 0.02 = 0.09;
-    # groups: compute 0.06, 3 x (60 MB in 0.006 + out 0.0024) = 0.0252, 3 syncs 0.003  -> 0.1824
-    assert seconds(kept)["denoise"] == pytest.approx(4 * 0.1824)
+    # groups: compute 0.06, 3 x (60 MB in 0.006 + out 0.0024) = 0.0252, 4 syncs 0.004  -> 0.1834
+    assert seconds(kept)["denoise"] == pytest.approx(4 * 0.1834)
 
 
 def test_partial_residency_names_blocks_of_the_profile():
