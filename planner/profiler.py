@@ -137,7 +137,8 @@ def tied_weights_split(module: torch.nn.Module, offload_type: str | None) -> lis
 def _upcast_weight_bytes(module: torch.nn.Module, calls: list[RecordedCall]) -> int:
     """Extra weight bytes while the pipeline runs the component in a wider dtype than it stores (SDXL moves its
     fp16 VAE to fp32 for the decode, `force_upcast`): the widest cast any recorded call ran under."""
-    widths = [torch.empty((), dtype=c.cast).element_size() for c in calls if c.cast is not None and c.cast.is_floating_point]
+    widths = [torch.empty((), dtype=c.cast).element_size() for c in calls
+              if c.cast is not None and c.cast.is_floating_point]
     if not widths:
         return 0
     wide = max(widths)
@@ -293,7 +294,6 @@ def profile_component(name: str, module: torch.nn.Module, calls: list[RecordedCa
     if untraced is not None:
         summary["role"] = "untraced"
     fp8_leaf = max((_tensor_bytes(l.parameters()) for _, l in layers), default=0)
-    tiled = extra.pop("tiled_trace", None)
     return ComponentProfile(
         name=name, class_name=type(module).__name__, config_hash=config_hash(module),
         param_bytes_by_dtype=_bytes_by_dtype(module), buffer_bytes=_tensor_bytes(module.buffers()),
