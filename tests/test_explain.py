@@ -19,7 +19,6 @@ from planner.profiler import profile
 from planner.search import Budgets, Candidate, SearchResult, binding_constraints
 from planner.sources import from_pipeline
 from planner.strategy import BLOCK_LEVEL, GROUP_OFFLOAD, LEAF_LEVEL, Choice, ComponentPlan
-from planner.workload import default_workload
 
 GIB = 2**30
 
@@ -185,10 +184,9 @@ def test_progress_is_on_in_a_terminal_only(monkeypatch):
 
 def test_profiling_shows_a_bar_when_asked(capsys):
     source = from_pipeline(build_tiny("flux"))
-    work = default_workload(source.pipeline_class, **TINY_WORKLOAD)
-    profile(source, work, use_cache=False, progress=True)
+    profile(source, use_cache=False, progress=True, **TINY_WORKLOAD)
     assert "profiling" in capsys.readouterr().err
-    profile(source, work, use_cache=False, progress=False)
+    profile(source, use_cache=False, progress=False, **TINY_WORKLOAD)
     assert capsys.readouterr().err == ""
 
 

@@ -14,7 +14,6 @@ from planner.loading import (DEFAULT_MAX_SHARD_BYTES, advise_max_shard_size, com
 from planner.profiler import profile
 from planner.sources import from_pipeline, load_source
 from planner.tiny import tiny_flux_pipeline
-from planner.workload import default_workload
 
 SHARD = 20_000  # bytes: small enough that the tiny Flux transformer (fp32) is saved in several shards
 
@@ -73,8 +72,7 @@ def test_zoo_flux_dev_shards_at_the_default_sizes():
 def _tiny_profile(max_shard_bytes: int | None = None):
     pipe = tiny_flux_pipeline(seed=0)
     source = from_pipeline(pipe)
-    prof = profile(source, default_workload("FluxPipeline", height=32, width=32, num_inference_steps=2,
-                                            max_sequence_length=16))
+    prof = profile(source, height=32, width=32, num_inference_steps=2, max_sequence_length=16)
     if max_shard_bytes is None:
         return prof, load_shards(source.components, None)
     shards = {n: component_shards(m, None) for n, m in source.components.items()}

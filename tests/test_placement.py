@@ -18,7 +18,6 @@ from planner.sources import from_pipeline
 from planner.space import SearchSpace
 from planner.strategy import Choice, ComponentPlan
 from planner.tiny import tiny_flux_pipeline
-from planner.workload import default_workload
 
 EXACT = SearchSpace(allow_lossy=False)  # no fp8, no tiling: without host RAM only residency remains
 WORK = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16)
@@ -27,7 +26,7 @@ WORK = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16)
 @pytest.fixture(scope="module")
 def tiny():
     source = from_pipeline(tiny_flux_pipeline(seed=0))
-    prof = profile(source, default_workload("FluxPipeline", **WORK))
+    prof = profile(source, **WORK)
     return prof, source.components, io_bytes(prof, source.components)
 
 
@@ -137,7 +136,7 @@ def test_sdxl_at_1024_fits_two_8gb_cards_and_no_single_one():
     from planner.sources import load_source
 
     source = load_source("sdxl-base")
-    prof = profile(source, default_workload(source.pipeline_class, **source.workload_defaults))
+    prof = profile(source)
     spec, budget = get_gpu("rtx-4060-8gb"), 8 * 10**9
     with pytest.raises(BudgetError):
         search(prof, spec, Budgets(budget, 0), space=EXACT, n_trials=8)

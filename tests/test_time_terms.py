@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cost_models.hardware import GPUS, HardwareSpec, with_fitted
 from cost_models.memory import in_call_weight_bytes
 from cost_models.time import op_s, peak_flops, roofline_s, streamed_groups_s
 from planner.profile_data import OpStat
 from planner.strategy import RESIDENT, ComponentPlan
-from planner.tracing import op_kind
+from planner.tracing import _op_kind as op_kind
 
 HW = HardwareSpec(name="hand", vram_bytes=24 * 2**30, bf16_flops=100e12, mem_bytes_per_s=1e12, pcie_gen=4,
                   h2d_pinned_bytes_per_s=20e9, h2d_pageable_bytes_per_s=10e9, d2h_bytes_per_s=25e9, fp8=True,
@@ -56,11 +57,11 @@ def test_streamed_groups_prefetch_one_ahead_and_pin_on_the_cpu_first():
 
 
 def test_op_kinds_of_the_dispatch_stream():
-    assert op_kind("addmm") == op_kind("mm") == "matmul"
-    assert op_kind("convolution") == "conv"
-    assert op_kind("_scaled_dot_product_flash_attention") == "attention"
-    assert op_kind("add") == op_kind("native_group_norm") == "other"
-    assert op_kind("empty_strided") is None and op_kind("detach") is None
+    aten = torch.ops.aten
+    assert op_kind(aten.addmm) == op_kind(aten.mm) == "matmul"
+    assert op_kind(aten.convolution) == "conv"
+    assert op_kind(aten._scaled_dot_product_flash_attention) == "attention"
+    assert op_kind(aten.add) == op_kind(aten.native_group_norm) == "other"
 
 
 def test_pipeline_upcast_doubles_the_weights_on_the_device_while_decoding():
