@@ -110,7 +110,7 @@ class HardwareSpec:
             raise HardwareError(f"HardwareSpec {self.name!r}: context_bytes must be in [0, vram_bytes)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "fitted_from": list(self.fitted_from)}  # as JSON reads it back
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "HardwareSpec") -> HardwareSpec:
