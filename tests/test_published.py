@@ -9,7 +9,7 @@ NAMES = ["text_encoder", "text_encoder_2", "transformer", "vae"]
 
 
 def _row(pipeline, components):
-    return {"id": "X", "model": "flux-dev", "gpu": "h100",
+    return {"id": "X", "model": "flux-dev", "gpu": "h100", "workload": {},
             "setting": {"summary": "s", "diffusers": {"pipeline": pipeline, "components": components}}}
 
 
