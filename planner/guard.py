@@ -207,6 +207,7 @@ def guard(pipe, plan=None, *, storage=None):
 
 def _planning_for(pipe, plan, storage) -> Planning:
     from cost_models import HardwareSpec
+    from planner.loading import load_shards, with_shards
     from planner.profiler import profile
     from planner.sources import from_pipeline
     from planner.space import SearchSpace
@@ -219,7 +220,9 @@ def _planning_for(pipe, plan, storage) -> Planning:
     if cast:
         raise UnsupportedError(f"{', '.join(cast)}: weights already stored in fp8, so the pipeline cannot be profiled "
                                "in its own dtype again; use optimize(..., oom_guard=True), which keeps the profile")
-    prof = profile(from_pipeline(pipe), Workload.from_dict(plan.workload))
+    source = from_pipeline(pipe)
+    prof = with_shards(profile(source, Workload.from_dict(plan.workload)),
+                       load_shards(source.components, source.folder))
     return Planning(prof, HardwareSpec.from_dict(plan.hardware), SearchSpace(**plan.search["space"]),
                     storage if storage is not None else _fresh_storage())
 

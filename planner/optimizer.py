@@ -136,7 +136,7 @@ def replan(plan: Plan, planning: Planning, vram_bytes: int, keep_storage: dict[s
     budgets = Budgets(vram_bytes, plan.budgets["ram_bytes"])
     result = search(planning.profile, planning.hardware, budgets, space=planning.space, storage=planning.storage,
                     study_name_override=plan.search["study_name"], accept=accept)
-    new = _make_plan(planning.profile, result, planning.hardware, plan.device, budgets, planning.space)
+    new = _make_plan(planning.profile, result, planning.hardware, plan.device, budgets, planning.space, plan.explain)
     return dataclasses.replace(new, search=plan.search)  # the same study: later measurements land there too
 
 

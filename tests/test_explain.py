@@ -117,7 +117,7 @@ def test_a_generous_budget_takes_no_lossy_knob(tiny_plan):
 
 def test_summary_states_workload_budgets_binding_and_lossy(tiny_plan):
     lines = tiny_plan.summary().splitlines()
-    assert lines[1] == "workload: 32x32, 2 steps, batch 1, 512 text tokens, bfloat16"
+    assert lines[1] == "workload: 32x32, 2 steps, batch 1, 512 text tokens, float32"  # the tiny pipeline runs in fp32
     card = tiny_plan.predicted.card_peak_bytes
     assert lines[2] == f"VRAM budget: 1GB = 953.7 MiB; card peak {card / 2**20:.1f} MiB = {100 * card / 1e9:.0f}% of it"
     assert lines[3].startswith("host RAM budget: 8GB = 7.45 GiB; host RAM ")

@@ -130,7 +130,7 @@ BAD_SECTIONS = {  # id -> (edit, what the message must say)
     "choice blocks float": (_set("choice.components.transformer.num_blocks_per_group", 1.0),
                             "choice.components.transformer.num_blocks_per_group must be an int or null"),
     "choice blocks bool": (_set("choice.components.transformer.resident_blocks", False),
-                           "resident_blocks must be an int, got boolean"),
+                           "resident_blocks must be a list of strings, got boolean"),
     "choice components list": (_set("choice.components", ["vae"]), "choice.components must be a JSON object"),
 }
 
