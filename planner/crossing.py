@@ -1,45 +1,14 @@
 """Bytes that cross cards: what one call of a component takes in and gives back.
 
-Measured, not guessed: the component is called once on its recorded workload inputs (planner.inputs, on the
-meta device for weightless twins, so full-size models cost seconds and no memory) with a spy on the method the
-pipeline calls (`decode` for a VAE, `forward` otherwise); the spy sums the bytes of the tensors passed in, the
-result's tensors are summed on the way out. Everything returned counts (e.g. a text encoder's pooled output next
-to its hidden states), a bound on what the pipeline really uses.
+Measured, not guessed: discovery records every call the pipeline makes on its real (meta) arguments, and the
+profile keeps, per call, the bytes of the tensors passed in plus those of the result (`CallProfile.io_bytes`).
+Everything returned counts (e.g. a text encoder's pooled output next to its hidden states), a bound on what the
+pipeline really uses.
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils._pytree import tree_flatten
-
-from planner.inputs import call_builder
 from planner.profile_data import Profile
-
-
-def _bytes(tree) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
-
-
-def call_io_bytes(module: torch.nn.Module, role: str, workload) -> int:
-    """Input + output bytes of one call of `module` as the pipeline makes it."""
-    method = "decode" if role == "vae" else "forward"
-    original, seen = getattr(module, method), []
-
-    def spy(*args, **kwargs):
-        seen.append(_bytes((args, kwargs)))
-        return original(*args, **kwargs)
-
-    shadowed = module.__dict__.get(method)
-    object.__setattr__(module, method, spy)  # an instance attribute shadows the class's method for this call
-    try:
-        with torch.no_grad():
-            out = call_builder(module, role, workload)()
-    finally:
-        if shadowed is None:
-            del module.__dict__[method]
-        else:
-            object.__setattr__(module, method, shadowed)
-    return seen[0] + _bytes(out)
 
 
 def module_order(pipeline_class: str, names: list[str]) -> list[str]:
@@ -55,7 +24,12 @@ def module_order(pipeline_class: str, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: params.index(n) if n in params else len(params) + names.index(n))
 
 
-def io_bytes(profile: Profile, modules: dict[str, torch.nn.Module]) -> dict[str, int]:
-    """Per called component, the bytes one call moves in and out (components never called move nothing)."""
-    return {name: call_io_bytes(modules[name], comp.role, profile.workload) if comp.calls_per_run else 0
-            for name, comp in profile.components.items()}
+def io_bytes(profile: Profile) -> dict[str, int]:
+    """Per component, the bytes one call moves in and out, averaged over the calls one pipeline call makes
+    (a component never called moves nothing)."""
+    out = {}
+    for name, comp in profile.components.items():
+        plain = [c for c in comp.calls if not c.variant]
+        n_calls = sum(c.calls_per_run for c in plain)
+        out[name] = round(sum(c.io_bytes * c.calls_per_run for c in plain) / n_calls) if n_calls else 0
+    return out

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from planner.workload import Workload
 
 # 9: per-call records from discovery (issue 10), blocks/block lists by FQN as planner.grouping lays them out,
-# the VAE upcast bytes and load-time shard sizes
-PROFILE_VERSION = 9
+# the VAE upcast bytes and load-time shard sizes; 10: bytes in and out per call (CallProfile.io_bytes)
+PROFILE_VERSION = 10
 CALL_PHASES = ("encode", "denoise", "decode")  # before, inside and after the denoising loop
 
 
@@ -41,6 +41,7 @@ class CallProfile:
     flops: float  # per call
     ops: tuple[OpStat, ...] = ()
     variant: str = ""  # "" the plain call; "tiled" / "sliced" for a VAE's tiled or sliced variant of it
+    io_bytes: int = 0  # tensor bytes passed in plus returned: what crosses cards when the caller sits elsewhere
 
     def __post_init__(self) -> None:
         if self.phase not in CALL_PHASES:

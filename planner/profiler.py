@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from planner.call_args import call_kwargs, resolved_workload, workload_knobs
 from planner.discovery import DECODE, DENOISE, ENCODE, Discovery, RecordedCall, discover, retrace
@@ -150,8 +150,10 @@ def _call_profile(call: RecordedCall, trace: CallTrace | None = None, variant: s
     trace = trace or call.trace
     ops = tuple(OpStat(kind, dtype, count, flops, nbytes)
                 for (kind, dtype, flops, nbytes), count in sorted(trace.ops.items()))
+    given = sum(t.numel() * t.element_size() for t in tree_flatten((call.args, call.kwargs))[0]
+                if isinstance(t, torch.Tensor))
     return CallProfile(call.method, call.phase, call.count, call.args_text, trace.peak_bytes, trace.peak_module,
-                       trace.flops, ops, variant)
+                       trace.flops, ops, variant, io_bytes=given + trace.output_bytes)
 
 
 @contextlib.contextmanager

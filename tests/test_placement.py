@@ -10,7 +10,7 @@ import pytest
 from cost_models import estimate, get_gpu
 from cost_models.devices import (DeviceSet, estimate_placement, execution_device, staged_bytes_per_s, sub_choice,
                                  sub_profile, transfer_s)
-from planner.crossing import call_io_bytes, io_bytes, module_order
+from planner.crossing import io_bytes, module_order
 from planner.placement import assignments, place
 from planner.profiler import profile
 from planner.search import BudgetError, Budgets, search
@@ -27,7 +27,7 @@ WORK = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16)
 def tiny():
     source = from_pipeline(tiny_flux_pipeline(seed=0))
     prof = profile(source, **WORK)
-    return prof, source.components, io_bytes(prof, source.components)
+    return prof, source.components, io_bytes(prof)
 
 
 def bare(name: str = "rtx-4060-ti-16gb"):
@@ -39,11 +39,10 @@ def resident(prof) -> Choice:
 
 
 def test_a_text_encoders_io_bytes_are_its_ids_in_and_states_out(tiny):
-    prof, modules, _ = tiny
-    te = modules["text_encoder"]  # CLIP: ids [1, L] int64 in; last_hidden_state [1, L, 32] + pooled [1, 32] out
-    length = min(WORK["max_sequence_length"], te.config.max_position_embeddings)
-    hidden = te.config.hidden_size
-    assert call_io_bytes(te, "text_encoder", prof.workload) == 8 * length + 4 * length * hidden + 4 * hidden
+    prof, modules, io = tiny
+    te = modules["text_encoder"]  # CLIP: ids [1, 77] int64 in; last_hidden_state [1, 77, h] + pooled [1, h] out
+    length, hidden = te.config.max_position_embeddings, te.config.hidden_size  # the pipeline pads to 77
+    assert io["text_encoder"] == 8 * length + 4 * length * hidden + 4 * hidden
 
 
 def test_staged_copy_and_the_transfer_term_by_hand(tiny):
@@ -140,7 +139,7 @@ def test_sdxl_at_1024_fits_two_8gb_cards_and_no_single_one():
     spec, budget = get_gpu("rtx-4060-8gb"), 8 * 10**9
     with pytest.raises(BudgetError):
         search(prof, spec, Budgets(budget, 0), space=EXACT, n_trials=8)
-    best = place(prof, DeviceSet((spec, spec), (budget, budget)), 0, io_bytes(prof, source.components), space=EXACT)
+    best = place(prof, DeviceSet((spec, spec), (budget, budget)), 0, io_bytes(prof), space=EXACT)
     assert best.devices["unet"] != best.devices["text_encoder_2"]
     assert all(e is not None and e.card_peak_bytes <= budget for e in best.estimate.per_device)
 
