@@ -329,7 +329,9 @@ def _cache_key(source: PipelineSource, knobs: dict, backend: str, allow_untraced
 
 
 def _cache_part(module: torch.nn.Module, backend: str) -> list:
-    part = [config_hash(module), sorted(_bytes_by_dtype(module).items())]
+    # the class too: a subclass with the same config runs other code (and traces differently)
+    cls = type(module)
+    part = [f"{cls.__module__}.{cls.__qualname__}", config_hash(module), sorted(_bytes_by_dtype(module).items())]
     if backend == "device":  # measured seconds and allocator peaks hold only for the card they were measured on
         part.append(device_name(next(module.parameters()).device))
     return part
